@@ -15,6 +15,7 @@ Checked against per-sequence SDPA in tests/layers/test_attention.py.
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -143,7 +144,7 @@ def attention(
         return _sdpa_bshd(query[None], key[None], value[None], None, is_causal, scale, enable_gqa)[0]
     outputs = [
         _sdpa_bshd(query[None, s:e], key[None, s:e], value[None, s:e], None, is_causal, scale, enable_gqa)[0]
-        for s, e in zip(bounds[:-1], bounds[1:])
+        for s, e in itertools.pairwise(bounds)
         if e > s
     ]
     return torch.cat(outputs, dim=0)
@@ -186,7 +187,9 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if head_dim is None:
             if dim % num_heads != 0:
-                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when head_dim is not given")
+                raise ValueError(
+                    f"dim ({dim}) must be divisible by num_heads ({num_heads}) when head_dim is not given"
+                )
             head_dim = dim // num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_interleaved = rope_interleaved
@@ -220,13 +223,13 @@ class Attention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """Args:
-            hidden_states: ``(B, S, dim)`` or packed ``(T, dim)``.
-            encoder_hidden_states: keys/values source for cross attention (same layout).
-            rotary_emb: ``(cos, sin)`` from :class:`genvis.layers.rope.RotaryEmbedding`, applied to q and k
-                (self attention only).
-            cu_seqlens: packed boundaries of ``hidden_states``.
-            encoder_cu_seqlens: packed boundaries of ``encoder_hidden_states`` (cross attention, packed).
-            attn_mask: padded layout only, see :func:`attention`.
+        hidden_states: ``(B, S, dim)`` or packed ``(T, dim)``.
+        encoder_hidden_states: keys/values source for cross attention (same layout).
+        rotary_emb: ``(cos, sin)`` from :class:`genvis.layers.rope.RotaryEmbedding`, applied to q and k
+            (self attention only).
+        cu_seqlens: packed boundaries of ``hidden_states``.
+        encoder_cu_seqlens: packed boundaries of ``encoder_hidden_states`` (cross attention, packed).
+        attn_mask: padded layout only, see :func:`attention`.
         """
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = self.to_q(hidden_states), self.to_k(context), self.to_v(context)

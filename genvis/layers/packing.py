@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from genvis.layers.attention import cu_seqlens_from_lengths
@@ -23,7 +25,7 @@ def pack_sequences(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 def unpack_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
     bounds = cu_seqlens.tolist()
-    return [packed[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+    return [packed[s:e] for s, e in itertools.pairwise(bounds)]
 
 
 def pad_packed(packed: torch.Tensor, cu_seqlens: torch.Tensor, pad_value: float = 0.0):

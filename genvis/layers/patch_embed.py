@@ -44,7 +44,7 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, ...], patch_size: int | tu
     """Inverse of :func:`patchify`: ``(B, N, C*prod(patch))`` -> ``(B, C, *spatial)``."""
     patch = _as_patch(patch_size, len(grid))
     B, N, width = tokens.shape
-    if N != math.prod(grid) or width != channels * math.prod(patch):
+    if math.prod(grid) != N or width != channels * math.prod(patch):
         raise ValueError(
             f"tokens {tuple(tokens.shape)} do not match grid {tuple(grid)} x patch {patch} x {channels} channels"
         )
@@ -65,7 +65,9 @@ class PatchEmbed(nn.Module):
         bias: conv bias.
     """
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int | tuple[int, ...] | list[int] = 2, bias: bool = True):
+    def __init__(
+        self, in_channels: int, dim: int, patch_size: int | tuple[int, ...] | list[int] = 2, bias: bool = True
+    ):
         super().__init__()
         self.patch_size = _as_patch(patch_size, 2) if isinstance(patch_size, int) else tuple(patch_size)
         if len(self.patch_size) not in (2, 3):
