@@ -1,0 +1,39 @@
+"""genvis data: the shard schema, video decoding, built-in datasets and webdataset loaders."""
+
+from genvis.data.builtin import (
+    ProceduralScene,
+    ProceduralShape,
+    ProceduralVideo,
+    builtin_images,
+    builtin_videos,
+    procedural_scene,
+    procedural_video,
+    write_procedural_dataset,
+)
+from genvis.data.video import (
+    VideoInfo,
+    causal_vae_num_frames,
+    encode_mp4,
+    read_frames,
+    sample_frame_indices,
+    video_info,
+    write_mp4,
+)
+
+__all__ = [
+    "ProceduralScene",
+    "ProceduralShape",
+    "ProceduralVideo",
+    "VideoInfo",
+    "builtin_images",
+    "builtin_videos",
+    "causal_vae_num_frames",
+    "encode_mp4",
+    "procedural_scene",
+    "procedural_video",
+    "read_frames",
+    "sample_frame_indices",
+    "video_info",
+    "write_mp4",
+    "write_procedural_dataset",
+]

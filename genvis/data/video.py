@@ -1,0 +1,221 @@
+"""Video decoding (decord, PyAV fallback), mp4 writing (PyAV libx264) and clip frame-index sampling.
+
+decord is fast at random access (``get_batch``) and reads straight from ``io.BytesIO`` at no extra cost, which is how
+webdataset hands us ``mp4`` bytes. It has x86_64 Linux wheels only and is unmaintained, so PyAV (which bundles FFmpeg
+and libx264) is the fallback. Frame sampling follows the OpenVid-1M paper (16 frames at stride 3, uniform fallback
+when a clip is too short) and the ``1 + 4k`` frame rule of causal video VAEs.
+Checked by ``tests/data/test_video.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+VideoSource = str | Path | bytes
+Backend = Literal["auto", "decord", "pyav"]
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Stream facts of a decoded video.
+
+    Args:
+        num_frames: number of frames the decoder reports.
+        fps: average frame rate.
+        width: frame width in pixels.
+        height: frame height in pixels.
+    """
+
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+
+def has_decord() -> bool:
+    """Whether ``decord`` is importable (x86_64 Linux wheels only)."""
+    return importlib.util.find_spec("decord") is not None
+
+
+def _resolve_backend(backend: Backend) -> Literal["decord", "pyav"]:
+    if backend not in ("auto", "decord", "pyav"):
+        raise ValueError(f"backend: expected 'auto', 'decord' or 'pyav', got {backend!r}")
+    if backend == "auto":
+        return "decord" if has_decord() else "pyav"
+    if backend == "decord" and not has_decord():
+        raise ImportError("backend='decord' needs the decord package (x86_64 Linux wheels); use backend='pyav'")
+    return backend
+
+
+def _as_file(source: VideoSource) -> str | io.BytesIO:
+    return io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else str(source)
+
+
+def open_decord(source: VideoSource, num_threads: int = 1):
+    """A ``decord.VideoReader`` on a path or on in-memory mp4 bytes."""
+    import decord
+
+    return decord.VideoReader(_as_file(source), ctx=decord.cpu(0), num_threads=num_threads)
+
+
+def video_info(source: VideoSource, backend: Backend = "auto") -> VideoInfo:
+    """Frame count, fps and size of ``source`` without decoding every frame."""
+    if _resolve_backend(backend) == "decord":
+        reader = open_decord(source)
+        height, width = reader[0].shape[:2]
+        return VideoInfo(len(reader), float(reader.get_avg_fps()), int(width), int(height))
+    import av
+
+    with av.open(_as_file(source)) as container:
+        stream = container.streams.video[0]
+        num_frames = stream.frames or sum(1 for _ in container.decode(stream))
+        rate = stream.average_rate or stream.guessed_rate or 0
+        return VideoInfo(
+            int(num_frames), float(rate), int(stream.codec_context.width), int(stream.codec_context.height)
+        )
+
+
+def read_frames(
+    source: VideoSource,
+    indices: list[int] | np.ndarray | None = None,
+    backend: Backend = "auto",
+    num_threads: int = 1,
+) -> np.ndarray:
+    """Decode frames ``indices`` (all frames when None) of ``source`` as a ``(T, H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        IndexError: an index is outside ``[0, num_frames)``.
+    """
+    if _resolve_backend(backend) == "decord":
+        reader = open_decord(source, num_threads=num_threads)
+        total = len(reader)
+        wanted = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64)
+        _check_indices(wanted, total)
+        frames = reader.get_batch(wanted.tolist()).asnumpy()
+        # decord #197/#208: get_batch can keep decoder state growing; seek(0) releases it before the reader dies.
+        reader.seek(0)
+        del reader
+        return frames
+    return _read_frames_pyav(source, indices)
+
+
+def _check_indices(indices: np.ndarray, total: int) -> None:
+    if indices.size and (indices.min() < 0 or indices.max() >= total):
+        raise IndexError(
+            f"frame indices: expected values in [0, {total}), got min {indices.min()} max {indices.max()}"
+        )
+
+
+def _read_frames_pyav(source: VideoSource, indices: list[int] | np.ndarray | None) -> np.ndarray:
+    import av
+
+    with av.open(_as_file(source)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        # A sequential scan is as fast as seeking for short clips (specs/perf_reliability_ecosystem.md §A7).
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        raise ValueError("video has no decodable frames")
+    stacked = np.stack(frames)
+    if indices is None:
+        return stacked
+    wanted = np.asarray(indices, dtype=np.int64)
+    _check_indices(wanted, len(stacked))
+    return stacked[wanted]
+
+
+def write_mp4(
+    destination: str | Path | io.BytesIO,
+    frames: np.ndarray,
+    fps: float = 8.0,
+    crf: int = 18,
+    gop: int = 8,
+) -> None:
+    """Encode ``(T, H, W, 3)`` uint8 RGB ``frames`` as H.264 (yuv420p) mp4 with PyAV's bundled libx264.
+
+    Args:
+        destination: file path or a binary buffer.
+        frames: the clip; H and W must be even (yuv420p halves chroma).
+        fps: frame rate written into the stream.
+        crf: libx264 constant rate factor (lower is better quality; 18 is visually lossless).
+        gop: keyframe interval in frames; short GOPs keep random access cheap.
+    """
+    import av
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames: expected (T, H, W, 3) uint8, got shape {frames.shape} dtype {frames.dtype}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"frames: yuv420p needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    from fractions import Fraction
+
+    target = destination if isinstance(destination, io.BytesIO) else str(destination)
+    with av.open(target, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "g": str(gop), "preset": "fast"}
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18, gop: int = 8) -> bytes:
+    """``write_mp4`` into memory and return the mp4 bytes."""
+    buffer = io.BytesIO()
+    write_mp4(buffer, frames, fps=fps, crf=crf, gop=gop)
+    return buffer.getvalue()
+
+
+def causal_vae_num_frames(num_frames: int) -> int:
+    """Largest ``1 + 4k`` not above ``num_frames``: a causal video VAE keeps frame 0 and compresses the rest by 4."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
+    return 1 + 4 * ((num_frames - 1) // 4)
+
+
+def sample_frame_indices(
+    total_frames: int,
+    num_frames: int,
+    stride: int = 1,
+    rng: np.random.Generator | None = None,
+    position: Literal["random", "start", "center"] = "random",
+) -> np.ndarray:
+    """Indices of a clip of ``num_frames`` frames taken every ``stride`` frames from a video of ``total_frames``.
+
+    The clip start is random (``rng``), the first frame or centred. When the video is shorter than the clip span
+    ``(num_frames - 1) * stride + 1``, it falls back to ``num_frames`` indices spread uniformly over the whole video
+    (OpenVid-1M's rule), repeating frames only when the video has fewer than ``num_frames`` frames.
+
+    Returns:
+        ``(num_frames,)`` int64 array, non-decreasing, in ``[0, total_frames)``.
+    """
+    if total_frames < 1:
+        raise ValueError(f"total_frames: expected >= 1, got {total_frames}")
+    if num_frames < 1 or stride < 1:
+        raise ValueError(f"num_frames and stride: expected >= 1, got num_frames={num_frames} stride={stride}")
+    if position not in ("random", "start", "center"):
+        raise ValueError(f"position: expected 'random', 'start' or 'center', got {position!r}")
+    span = (num_frames - 1) * stride + 1
+    if span > total_frames:
+        return np.linspace(0, total_frames - 1, num_frames).round().astype(np.int64)
+    slack = total_frames - span
+    if position == "start":
+        start = 0
+    elif position == "center":
+        start = slack // 2
+    else:
+        start = int((rng or np.random.default_rng()).integers(0, slack + 1))
+    return start + stride * np.arange(num_frames, dtype=np.int64)
