@@ -1,0 +1,15 @@
+"""Offline data tools: the ``genvis-shards`` builder (OpenVid CSV + videos -> webdataset shards) and built-in data."""
+
+from data_pipelines.build import BuildConfig, BuildReport, Rejection, build_shards, read_manifest
+from data_pipelines.datasets import builtin_dataset_root, ensure_builtin_shards, write_builtin_source
+
+__all__ = [
+    "BuildConfig",
+    "BuildReport",
+    "Rejection",
+    "build_shards",
+    "builtin_dataset_root",
+    "ensure_builtin_shards",
+    "read_manifest",
+    "write_builtin_source",
+]

