@@ -1,0 +1,29 @@
+"""Diffusion objectives: rectified flow (LaVin-DiT); sampling uses diffusers schedulers."""
+
+from genvis.diffusion.rectified_flow import (
+    LAVIN_DIT_TIME_GRID_20,
+    RectifiedFlow,
+    RectifiedFlowLoss,
+    drop_context,
+    flow_matching_loss,
+    interpolate,
+    lavin_time_to_sigma,
+    sample_generators,
+    sample_logit_normal,
+    shift_time,
+    sigma_to_lavin_time,
+)
+
+__all__ = [
+    "LAVIN_DIT_TIME_GRID_20",
+    "RectifiedFlow",
+    "RectifiedFlowLoss",
+    "drop_context",
+    "flow_matching_loss",
+    "interpolate",
+    "lavin_time_to_sigma",
+    "sample_generators",
+    "sample_logit_normal",
+    "shift_time",
+    "sigma_to_lavin_time",
+]

@@ -1,0 +1,266 @@
+"""Rectified-flow training for LaVin-DiT (the SiT "transport" conventions of the official code).
+
+Conventions (spec /work/shared/specs/lavin_dit_mvdit.md §1.6-1.7; the code, not the paper's Alg. 2):
+- time ``t`` in [0, 1], **t = 0 is noise, t = 1 is data**: ``x_t = t * x + (1 - t) * eps``;
+- the model predicts the velocity ``u = x - eps`` (integrate forward from t = 0 to t = 1);
+- ``t = sigmoid(n)``, ``n ~ N(mean, std)`` (logit-normal), optionally shifted ``t <- t / (t + s (1 - t))``;
+- loss per sample ``MSE(v, u) + 0.1 * L1(v, u)`` over the target latents only (the condition stream carries no loss),
+  then averaged over the batch;
+- context dropout for classifier-free guidance: with probability ``p`` a sample's condition stream becomes
+  ``[zero frame, query]`` (what the official unconditional branch feeds at inference).
+
+Randomness never comes from a global or a fixed-seed generator (the official transport seeds 42 on every rank, so
+DDP ranks draw identical noise): callers pass a generator, or one generator per sample (see
+:func:`sample_generators`) so that the draws of a sample do not depend on how the batch is split across processes.
+
+diffusers' ``FlowMatchEulerDiscreteScheduler`` uses ``x = sigma * noise + (1 - sigma) * data`` and a velocity
+``noise - data``: :func:`lavin_time_to_sigma` / :func:`sigma_to_lavin_time` convert the time and the velocity is
+negated. Tests: tests/lavin/test_rectified_flow.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "LAVIN_DIT_TIME_GRID_20",
+    "RectifiedFlow",
+    "RectifiedFlowLoss",
+    "drop_context",
+    "flow_matching_loss",
+    "interpolate",
+    "lavin_time_to_sigma",
+    "sample_generators",
+    "sample_logit_normal",
+    "shift_time",
+    "sigma_to_lavin_time",
+]
+
+# The official 20-point Euler grid (half the points uniform on the noisy end [0, 0.05]); spec §1.7.
+LAVIN_DIT_TIME_GRID_20: tuple[float, ...] = (
+    0.0, 0.0056, 0.0111, 0.0167, 0.0222, 0.0278, 0.0333, 0.0389, 0.0444, 0.0500,
+    0.0524, 0.0730, 0.1148, 0.1777, 0.2618, 0.3671, 0.4936, 0.6412, 0.8100, 1.0,
+)  # fmt: skip
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sample_generators(seed: int, sample_ids: Sequence[int] | torch.Tensor, step: int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from ``(seed, step, sample id)``.
+
+    A sample's noise and time then depend only on its global index, not on the rank or the per-rank batch size, which
+    makes a 2-process run reproduce a 1-process run with the same global batch.
+    """
+    ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else list(sample_ids)
+    # large odd multipliers keep (seed, step, id) triples from colliding for any realistic run length
+    return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + int(i)) for i in ids]
+
+
+def _randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal draws of ``shape``; a list of generators draws row ``i`` from generator ``i`` (on CPU)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+    return torch.stack(rows).to(device)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``t / (t + shift * (1 - t))``: ``shift > 1`` moves mass towards noise (t -> 0); ``shift = 1`` is the identity."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    return t / (t + shift * (1 - t))
+
+
+def sample_logit_normal(
+    batch_size: int,
+    *,
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+    generator: Generators = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Flow times ``sigmoid(N(mean, std))``, shifted by ``shift``; shape ``(batch_size,)`` fp32."""
+    normal = _randn((batch_size,), generator, torch.device(device), torch.float32)
+    return shift_time(torch.sigmoid(mean + std * normal), shift)
+
+
+def _expand_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)  # (B,) -> (B, 1, 1, ...)
+
+
+def interpolate(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = t * data + (1 - t) * noise`` with per-sample ``t`` of shape ``(B,)``."""
+    t = _expand_time(t, data)
+    return t * data + (1 - t) * noise
+
+
+def flow_matching_loss(
+    prediction: torch.Tensor, target: torch.Tensor, l1_weight: float = 0.1, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample ``mean((v - u)^2) + l1_weight * mean(|v - u|)`` over all non-batch axes, shape ``(B,)``.
+
+    Args:
+        prediction: predicted velocity ``(B, ...)``.
+        target: velocity target ``data - noise`` of the same shape.
+        l1_weight: weight of the L1 term (0.1 in the official loss).
+        mask: optional ``(B, ...)`` weights broadcastable to ``prediction`` (1 = counted), e.g. to skip padded frames.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    error = prediction.float() - target.float()
+    dims = tuple(range(1, error.ndim))
+    if mask is None:
+        return error.square().mean(dims) + l1_weight * error.abs().mean(dims)
+    mask = mask.float().expand_as(error)
+    count = mask.sum(dims).clamp_min(1.0)
+    return ((error.square() + l1_weight * error.abs()) * mask).sum(dims) / count
+
+
+def drop_context(
+    context: torch.Tensor | Sequence[torch.Tensor],
+    drop: torch.Tensor,
+    query_frames: int | Sequence[int] = 1,
+) -> list[torch.Tensor]:
+    """Replace the in-context pairs of the samples flagged in ``drop`` with one all-zero latent frame.
+
+    Args:
+        context: condition latents ``(B, C, T_c, H, W)`` or a list of ``(C, T_c_i, H, W)``; the query occupies the
+            last ``query_frames`` frames.
+        drop: ``(B,)`` bool, True where the sample becomes unconditional.
+        query_frames: latent frames of the query (per sample or one for all).
+
+    Returns:
+        A list of per-sample condition latents (lengths differ once a sample is dropped; the model packs them).
+    """
+    samples = list(context)
+    if drop.shape != (len(samples),):
+        raise ValueError(f"drop must have shape ({len(samples)},), got {tuple(drop.shape)}")
+    frames = [query_frames] * len(samples) if isinstance(query_frames, int) else list(query_frames)
+    out = []
+    for sample, dropped, n_query in zip(samples, drop.tolist(), frames):
+        if not 1 <= n_query <= sample.shape[1]:
+            raise ValueError(f"query_frames must be in [1, {sample.shape[1]}], got {n_query}")
+        if dropped:
+            sample = torch.cat([torch.zeros_like(sample[:, :1]), sample[:, -n_query:]], dim=1)
+        out.append(sample)
+    return out
+
+
+def lavin_time_to_sigma(t: torch.Tensor | float) -> torch.Tensor | float:
+    """LaVin flow time (1 = data) -> diffusers sigma (1 = noise)."""
+    return 1 - t
+
+
+def sigma_to_lavin_time(sigma: torch.Tensor | float) -> torch.Tensor | float:
+    """diffusers sigma (1 = noise) -> LaVin flow time (1 = data)."""
+    return 1 - sigma
+
+
+@dataclass
+class RectifiedFlowLoss:
+    """What :meth:`RectifiedFlow.training_loss` returns.
+
+    Args:
+        loss: scalar batch mean of ``per_sample``.
+        per_sample: ``(B,)`` losses.
+        timesteps: ``(B,)`` flow times used.
+        prediction: the model's velocity ``(B, C, T_x, H, W)``.
+        target: the velocity target ``data - noise``.
+    """
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    timesteps: torch.Tensor
+    prediction: torch.Tensor
+    target: torch.Tensor
+
+
+class RectifiedFlow:
+    """Rectified-flow objective for the J-DiT: time sampling, noising, context dropout and the velocity loss.
+
+    Args:
+        logit_mean: mean of the logit-normal time distribution.
+        logit_std: std of the logit-normal time distribution.
+        shift: time shift ``s`` (1 = none, the official default).
+        l1_weight: weight of the L1 term added to the MSE (0.1 in the official code).
+        context_dropout: probability of replacing a sample's context pairs with a zero frame (for CFG).
+    """
+
+    def __init__(
+        self,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 1.0,
+        l1_weight: float = 0.1,
+        context_dropout: float = 0.1,
+    ) -> None:
+        if logit_std <= 0:
+            raise ValueError(f"logit_std must be positive, got {logit_std}")
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        if not 0.0 <= context_dropout <= 1.0:
+            raise ValueError(f"context_dropout must be in [0, 1], got {context_dropout}")
+        if l1_weight < 0:
+            raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
+        self.logit_mean, self.logit_std, self.shift = logit_mean, logit_std, shift
+        self.l1_weight, self.context_dropout = l1_weight, context_dropout
+
+    def sample_timesteps(self, batch_size: int, generator: Generators = None, device="cpu") -> torch.Tensor:
+        return sample_logit_normal(
+            batch_size, mean=self.logit_mean, std=self.logit_std, shift=self.shift, generator=generator, device=device
+        )
+
+    def training_loss(
+        self,
+        model: Callable[..., object],
+        target_latents: torch.Tensor,
+        context_latents: torch.Tensor,
+        *,
+        generator: Generators = None,
+        query_frames: int = 1,
+        loss_mask: torch.Tensor | None = None,
+    ) -> RectifiedFlowLoss:
+        """One training loss evaluation.
+
+        Args:
+            model: a :class:`~genvis.models.LaVinDiTTransformer3DModel` (or a wrapper with the same call signature).
+            target_latents: clean target latents ``(B, C, T_x, H, W)``.
+            context_latents: clean condition latents ``(B, C, T_c, H, W)`` (pairs then query).
+            generator: one generator, or one per sample (:func:`sample_generators`), for t, noise and dropout.
+            query_frames: latent frames of the query at the end of the condition stream.
+            loss_mask: optional weights broadcastable to ``target_latents``.
+        """
+        if target_latents.ndim != 5 or context_latents.ndim != 5:
+            raise ValueError(
+                f"latents must be (B, C, T, H, W), got target {tuple(target_latents.shape)} and context "
+                f"{tuple(context_latents.shape)}"
+            )
+        batch, device = target_latents.shape[0], target_latents.device
+        timesteps = self.sample_timesteps(batch, generator, device)
+        noise = _randn(tuple(target_latents.shape), generator, device, target_latents.dtype)
+        drop = _uniform(batch, generator, device) < self.context_dropout
+        noisy = interpolate(target_latents, noise, timesteps)
+        velocity = target_latents - noise
+
+        if bool(drop.any()):
+            # per-sample lengths now differ: run the model on packed samples
+            contexts = drop_context(context_latents, drop, query_frames)
+            prediction = torch.stack(model(list(noisy), contexts, timesteps).sample)
+        else:
+            prediction = model(noisy, context_latents, timesteps).sample
+        per_sample = flow_matching_loss(prediction, velocity, self.l1_weight, loss_mask)
+        return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
+
+
+def _uniform(batch_size: int, generator: Generators, device: torch.device) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.rand((batch_size,), generator=generator, device=gen_device).to(device)
+    return torch.cat([torch.rand((1,), generator=g, device=g.device) for g in generator]).to(device)

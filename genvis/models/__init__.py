@@ -1,0 +1,15 @@
+"""Model families: LaVin-DiT (J-DiT), MVDiT, SINC meta-model, MLLM vision towers."""
+
+from genvis.models.lavin_dit import (
+    LAVIN_DIT_PRESETS,
+    LaVinDiTTransformer3DModel,
+    LaVinDiTTransformerOutput,
+    convert_official_lavin_dit_state_dict,
+)
+
+__all__ = [
+    "LAVIN_DIT_PRESETS",
+    "LaVinDiTTransformer3DModel",
+    "LaVinDiTTransformerOutput",
+    "convert_official_lavin_dit_state_dict",
+]
