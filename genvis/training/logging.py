@@ -1,0 +1,60 @@
+"""Sample logging: image grids written as PNG under the run dir and sent to the accelerate trackers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+__all__ = ["log_image_grid", "make_grid", "to_pil"]
+
+
+def to_pil(image: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:
+    """``(3, H, W)`` / ``(H, W, 3)`` tensor or array in [-1, 1] (float) or uint8 -> RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = image.detach().float().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.dtype != np.uint8:
+        array = ((np.clip(array, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return Image.fromarray(array, "RGB")
+
+
+def make_grid(rows: list[list], pad: int = 2) -> Image.Image:
+    """Lay out rows of images (any mix accepted by :func:`to_pil`) on a white canvas; ragged rows are allowed."""
+    pil_rows = [[to_pil(im) for im in row] for row in rows if row]
+    if not pil_rows:
+        raise ValueError("make_grid needs at least one image")
+    cell_w = max(im.width for row in pil_rows for im in row)
+    cell_h = max(im.height for row in pil_rows for im in row)
+    cols = max(len(row) for row in pil_rows)
+    canvas = Image.new("RGB", (cols * (cell_w + pad) + pad, len(pil_rows) * (cell_h + pad) + pad), "white")
+    for r, row in enumerate(pil_rows):
+        for c, im in enumerate(row):
+            canvas.paste(im, (pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
+    return canvas
+
+
+def log_image_grid(
+    accelerator: Accelerator, tag: str, rows: list[list], step: int, output_dir: str | os.PathLike
+) -> Path | None:
+    """Write ``<output_dir>/samples/<tag>-<step>.png`` and log it to the trackers (main process only)."""
+    if not accelerator.is_main_process:
+        return None
+    grid = make_grid(rows)
+    path = Path(output_dir) / "samples" / f"{tag}-{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: np.asarray(grid)}, step=step, dataformats="HWC")
+    return path
