@@ -595,13 +595,14 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
             (out_dir / name).unlink(missing_ok=True)
         _clean_outputs(out_dir, keep=set())
     fingerprint = config.fingerprint()
+    # Read the CSV first: a schema error must not leave a journal behind.
+    rows, rejected = read_csv_rows(config)
     finished = _load_journal(out_dir, fingerprint)
     _clean_outputs(out_dir, keep={record.name for record in finished})
     if not finished:
         (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
         _append_journal(out_dir, {"type": "config", "config": fingerprint})
 
-    rows, rejected = read_csv_rows(config)
     resume_index = finished[-1].last_index if finished else -1
     done_keys = {key for record in finished for key in record.keys}
     todo = [row for row in rows if row.index > resume_index and row.key not in done_keys]

@@ -146,6 +146,12 @@ def _worker_main(connection: multiprocessing.connection.Connection, probe_fn_spe
     """Worker loop: receive ``ProbeRequest``s until None, send back ``ProbeResult``s."""
     # The parent handles Ctrl-C and kills workers; a worker dying on SIGINT would only add noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import decord.logging
+
+        decord.logging.set_level(decord.logging.QUIET)  # reasons are recorded; FFmpeg's chatter would flood stderr
+    except ImportError:
+        pass
     probe_fn = resolve_probe_fn(probe_fn_spec)
     while True:
         request = connection.recv()

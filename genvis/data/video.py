@@ -140,6 +140,7 @@ def write_mp4(
     fps: float = 8.0,
     crf: int = 18,
     gop: int = 8,
+    faststart: bool = False,
 ) -> None:
     """Encode ``(T, H, W, 3)`` uint8 RGB ``frames`` as H.264 (yuv420p) mp4 with PyAV's bundled libx264.
 
@@ -149,6 +150,7 @@ def write_mp4(
         fps: frame rate written into the stream.
         crf: libx264 constant rate factor (lower is better quality; 18 is visually lossless).
         gop: keyframe interval in frames; short GOPs keep random access cheap.
+        faststart: put the ``moov`` index before the media data (streamable mp4).
     """
     import av
 
@@ -160,7 +162,8 @@ def write_mp4(
     from fractions import Fraction
 
     target = destination if isinstance(destination, io.BytesIO) else str(destination)
-    with av.open(target, mode="w", format="mp4") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(target, mode="w", format="mp4", options=options) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
