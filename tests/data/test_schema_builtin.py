@@ -10,8 +10,8 @@ import numpy as np
 from genvis.data.builtin import (
     SHAPE_COLORS,
     builtin_images,
-    center_crop_resize,
     builtin_videos,
+    center_crop_resize,
     procedural_scene,
     procedural_video,
     write_procedural_dataset,
