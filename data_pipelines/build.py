@@ -589,14 +589,14 @@ def _ordered(results: Iterator[ProbeResult], order: list[int]) -> Iterator[Probe
 def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildReport:
     """Build (or resume building) the shards described by ``config``; returns the report also saved as manifest."""
     out_dir = Path(config.out_dir)
+    # Read the CSV first: a schema error must not leave an output folder or a journal behind.
+    rows, rejected = read_csv_rows(config)
+    fingerprint = config.fingerprint()
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in (JOURNAL_NAME, MANIFEST_NAME, REJECTED_NAME):
             (out_dir / name).unlink(missing_ok=True)
         _clean_outputs(out_dir, keep=set())
-    fingerprint = config.fingerprint()
-    # Read the CSV first: a schema error must not leave a journal behind.
-    rows, rejected = read_csv_rows(config)
     finished = _load_journal(out_dir, fingerprint)
     _clean_outputs(out_dir, keep={record.name for record in finished})
     if not finished:

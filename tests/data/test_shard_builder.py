@@ -205,7 +205,9 @@ def test_csv_schema_errors_name_file_and_columns(tmp_path: Path) -> None:
     config = BuildConfig(str(csv_path), str(tmp_path), str(tmp_path / "out"), ranges={"aesthetic_score": (5.0, None)})
     with pytest.raises(CsvSchemaError, match="'aesthetic score', which the CSV lacks"):
         build_shards(config, progress=False)
-    assert cli_main(["build", "--csv", str(tmp_path / "nope.csv"), "--video-root", ".", "--out", "o"]) == 2
+    out = tmp_path / "never_created"
+    assert cli_main(["build", "--csv", str(tmp_path / "nope.csv"), "--video-root", ".", "--out", str(out)]) == 2
+    assert not out.exists()
 
 
 def test_cli_help_lists_filters(capsys: pytest.CaptureFixture[str]) -> None:
