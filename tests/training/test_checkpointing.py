@@ -67,6 +67,7 @@ def test_kill_during_save_resumes_from_previous_and_matches_uninterrupted(tmp_pa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000015"]
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_and_consecutive_nans_abort(tmp_path):
     ok = run_toy(tmp_path / "one", "--steps", 6, "--save-every", 3, "--nan-at", 2)
     assert ok.returncode == 0, ok.stderr
