@@ -95,8 +95,9 @@ def smart_resize(
         )
     if max_pixels < factor * factor:
         raise ValueError(f"max_pixels={max_pixels} is smaller than one {factor}x{factor} unit")
-    new_h = max(factor, round(height / factor) * factor)
-    new_w = max(factor, round(width / factor) * factor)
+    # a side can round to 0 here; the min_pixels branch then regrows it (the reference rule, kept for parity)
+    new_h = round(height / factor) * factor
+    new_w = round(width / factor) * factor
     if new_h * new_w > max_pixels:
         # shrink both sides by the same factor, rounding down so the budget holds
         shrink = math.sqrt(height * width / max_pixels)
