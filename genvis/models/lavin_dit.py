@@ -38,7 +38,6 @@ from genvis.layers import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
-    apply_rotary_emb,
     attention,
     cu_seqlens_from_lengths,
     grid_position_ids,
@@ -113,14 +112,13 @@ class LaVinDiTRotaryEmbedding3D(nn.Module):
         return torch.cat([c for c, _ in tables], dim=-1), torch.cat([s for _, s in tables], dim=-1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` of shape ``(..., S, H, head_dim)`` third by third."""
-        parts = [
-            apply_rotary_emb(x_part, c, s)
-            for x_part, c, s in zip(
-                x.split(self.axis_dim, -1), cos.split(self.axis_dim, -1), sin.split(self.axis_dim, -1)
-            )
-        ]
-        return torch.cat(parts, dim=-1)
+        """Rotate ``x`` of shape ``(..., S, H, head_dim)`` third by third (fp32 math, cast back)."""
+        x_float = x.float()
+        # rotate-half inside each third in one op: (..., 3, 2, third/2) halves -> (-second, first)
+        halves = x_float.unflatten(-1, (3, 2, self.axis_dim // 2))
+        rotated = torch.stack((-halves[..., 1, :], halves[..., 0, :]), dim=-2).flatten(-3)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (S, hd) -> (S, 1, hd), broadcast over heads
+        return (x_float * cos + rotated * sin).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,279 @@
+"""In-context generation with LaVin-DiT: context (input, target) pairs + a query -> the query's target.
+
+Follows the official inference (spec /work/shared/specs/lavin_dit_mvdit.md §1.6-1.7):
+1. every image / clip is resized (bicubic, antialiased) to one fixed ``height x width``, scaled to [-1, 1] and encoded
+   **independently** by the VAE (posterior sample by default), then normalised ``(z - shift) * scale``;
+2. the condition stream is ``[in_1, tgt_1, ..., in_N, tgt_N, query]`` along the latent time axis;
+3. the target starts as Gaussian noise and is integrated with diffusers' ``FlowMatchEulerDiscreteScheduler``
+   (``sigma = 1 - t``, the LaVin velocity negated);
+4. classifier-free guidance runs a *second forward* whose condition stream is ``[zero frame, query]`` and combines
+   ``v = v_u + w (v_c - v_u)`` (default ``w = 1.5``).
+
+The official 20-point time grid is available as ``sigmas=[1 - t for t in LAVIN_DIT_TIME_GRID_20[:-1]]``.
+Tests: tests/lavin/test_pipeline_lavin_dit.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+from diffusers.utils import BaseOutput
+
+from genvis.models.lavin_dit import LaVinDiTTransformer3DModel
+
+__all__ = ["ClipLike", "LaVinDiTPipeline", "LaVinDiTPipelineOutput"]
+
+# An image (PIL, or a (3, H, W) tensor in [-1, 1]) or a clip (a list of PIL frames, or a (3, T, H, W) tensor).
+ClipLike = PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class LaVinDiTPipelineOutput(BaseOutput):
+    """Output of :class:`LaVinDiTPipeline`.
+
+    Args:
+        frames: the generated target: a list of ``T`` PIL images (``"pil"``; one for an image task), a ``(T, H, W, 3)``
+            float array in [0, 1] (``"np"``), a ``(T, 3, H, W)`` tensor in [0, 1] (``"pt"``), or the normalised
+            latents ``(1, C, t, h, w)`` (``"latent"``).
+    """
+
+    frames: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+def _compression(vae) -> tuple[int, int]:
+    """(temporal, spatial) compression of an ST-VAE / AutoencoderKLCogVideoX or a pixel-unshuffle autoencoder."""
+    config = vae.config
+    temporal = int(getattr(config, "temporal_compression_ratio", 1) or 1)
+    spatial = getattr(config, "spatial_compression_ratio", None)
+    if spatial is None:
+        spatial = 2 ** (len(config.block_out_channels) - 1)
+    return temporal, int(spatial)
+
+
+class LaVinDiTPipeline(DiffusionPipeline):
+    """LaVin-DiT in-context generation pipeline.
+
+    Args:
+        transformer: the J-DiT.
+        vae: an ST-VAE (``genvis.vae.AutoencoderKLSTVAE`` / ``AutoencoderKLCogVideoX``) or
+            ``genvis.models.PixelUnshuffleAutoencoder``; its config supplies latent channels and normalisation.
+        scheduler: a flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``, swappable by ``from_config``).
+    """
+
+    model_cpu_offload_seq = "vae->transformer"
+
+    def __init__(
+        self, transformer: LaVinDiTTransformer3DModel, vae, scheduler: FlowMatchEulerDiscreteScheduler
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+
+    def register_modules(self, **kwargs) -> None:
+        super().register_modules(**kwargs)
+        # genvis classes are recorded by their full module path so from_pretrained can import them
+        fixed = {}
+        for name, module in kwargs.items():
+            if module is not None and type(module).__module__.startswith("genvis."):
+                _, class_name = _fetch_class_library_tuple(module)
+                fixed[name] = (type(module).__module__, class_name)
+        if fixed:
+            self.register_to_config(**fixed)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # inputs
+    def check_inputs(
+        self,
+        context_pairs,
+        query,
+        guidance_scale: float,
+        num_inference_steps: int,
+        output_type: str,
+        height: int | None,
+        width: int | None,
+    ) -> None:
+        """Raise one ``ValueError`` per bad argument, quoting the value."""
+        if not isinstance(context_pairs, (list, tuple)):
+            raise ValueError(f"context_pairs must be a list of (input, target) tuples, got {type(context_pairs)}")
+        for i, pair in enumerate(context_pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"context_pairs[{i}] must be an (input, target) pair, got {pair!r:.80}")
+            for j, item in enumerate(pair):
+                self._check_clip_like(item, f"context_pairs[{i}][{j}]")
+        self._check_clip_like(query, "query")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        _, spatial = _compression(self.vae)
+        multiple = spatial * self.transformer.config.patch_size
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value <= 0 or value % multiple):
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+
+    @staticmethod
+    def _check_clip_like(item, name: str) -> None:
+        if isinstance(item, PIL.Image.Image):
+            return
+        if isinstance(item, (list, tuple)):
+            if not item or not all(isinstance(f, PIL.Image.Image) for f in item):
+                raise ValueError(f"{name}: a clip given as a list must be a non-empty list of PIL images")
+            return
+        if isinstance(item, torch.Tensor):
+            if item.ndim not in (3, 4) or item.shape[0] != 3:
+                raise ValueError(f"{name}: tensors must be (3, H, W) or (3, T, H, W) in [-1, 1], got {tuple(item.shape)}")
+            return
+        raise ValueError(f"{name}: expected a PIL image, a list of PIL frames or a tensor, got {type(item).__name__}")
+
+    @staticmethod
+    def _to_clip(item: ClipLike) -> torch.Tensor:
+        """Any accepted input -> ``(3, T, H, W)`` float in [-1, 1] (not resized)."""
+        if isinstance(item, torch.Tensor):
+            clip = item.float()
+            return clip.unsqueeze(1) if clip.ndim == 3 else clip
+        frames = [item] if isinstance(item, PIL.Image.Image) else list(item)
+        arrays = [torch.from_numpy(np.asarray(f.convert("RGB"), dtype=np.float32)) for f in frames]  # (H, W, 3)
+        return torch.stack(arrays).permute(3, 0, 1, 2) / 127.5 - 1.0  # (T, H, W, 3) -> (3, T, H, W) in [-1, 1]
+
+    def preprocess(self, item: ClipLike, height: int, width: int) -> torch.Tensor:
+        """Resize (bicubic, antialiased) to ``height x width`` -> ``(3, T, H, W)`` in [-1, 1]."""
+        clip = self._to_clip(item)
+        if clip.shape[-2:] != (height, width):
+            frames = clip.transpose(0, 1)  # (T, 3, H, W)
+            frames = F.interpolate(frames, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+            clip = frames.clamp(-1, 1).transpose(0, 1)
+        temporal, _ = _compression(self.vae)
+        if (clip.shape[1] - 1) % temporal:
+            raise ValueError(
+                f"clips must have 1 or 1 + {temporal}k frames for this VAE, got {clip.shape[1]} frames"
+            )
+        return clip
+
+    # ------------------------------------------------------------------------------------------------------------
+    # latents
+    def _latent_normalization(self) -> tuple[float, float]:
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return (0.0 if shift is None else float(shift)), float(self.vae.config.scaling_factor)
+
+    def encode_clips(
+        self, clips: Sequence[torch.Tensor], generator: torch.Generator | None = None, sample_posterior: bool = True
+    ) -> list[torch.Tensor]:
+        """Encode each ``(3, T, H, W)`` clip on its own -> normalised latents ``(C, t, h, w)``."""
+        shift, scale = self._latent_normalization()
+        latents = []
+        for clip in clips:
+            clip = clip.to(device=self._execution_device, dtype=self.vae.dtype)[None]
+            dist = self.vae.encode(clip).latent_dist
+            z = dist.sample(generator=generator) if sample_posterior else dist.mode()
+            latents.append(((z - shift) * scale)[0])
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``(B, C, t, h, w)`` -> pixels ``(B, 3, T, H, W)`` in [-1, 1]."""
+        shift, scale = self._latent_normalization()
+        pixels = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
+        return pixels.float().clamp(-1, 1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        context_pairs: list[tuple[ClipLike, ClipLike]],
+        query: ClipLike,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.5,
+        height: int | None = None,
+        width: int | None = None,
+        sigmas: list[float] | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        sample_posterior: bool = True,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> LaVinDiTPipelineOutput | tuple:
+        """Generate the target of ``query`` for the task shown by ``context_pairs``.
+
+        Args:
+            context_pairs: ``[(input, target), ...]`` examples of the task, each an image (PIL or a ``(3, H, W)``
+                tensor in [-1, 1]) or a clip (list of PIL frames or a ``(3, T, H, W)`` tensor). Pairs may repeat
+                (the official code samples them with replacement). An empty list runs the query alone.
+            query: the input to answer, same kinds as above; the target gets as many frames as the query.
+            num_inference_steps: Euler steps (ignored when ``sigmas`` is given).
+            guidance_scale: CFG weight ``w``; ``<= 1`` skips the unconditional forward (``w = 1`` is no guidance).
+            height: frame height after resizing (default: the query's height).
+            width: frame width after resizing (default: the query's width).
+            sigmas: explicit diffusers sigmas (1 = noise), e.g. the official grid (module docstring).
+            generator: RNG for the initial noise and the VAE posterior samples.
+            latents: initial noise ``(1, C, t, h, w)`` instead of drawing it.
+            sample_posterior: encode with a posterior sample (official) rather than its mean.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: return a :class:`LaVinDiTPipelineOutput` instead of a tuple.
+        """
+        self.check_inputs(context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width)
+        query_clip = self._to_clip(query)
+        height = height or query_clip.shape[-2]
+        width = width or query_clip.shape[-1]
+        self.check_inputs(context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width)
+        device, dtype = self._execution_device, self.transformer.dtype
+
+        # 1. encode every clip independently; condition stream = pairs then query along latent time
+        clips = [self.preprocess(item, height, width) for pair in context_pairs for item in pair]
+        clips.append(self.preprocess(query, height, width))
+        encoded = self.encode_clips(clips, generator, sample_posterior)
+        query_latents = encoded[-1][None]  # (1, C, t_q, h, w)
+        condition = torch.cat(encoded, dim=1)[None].to(dtype)  # (1, C, T_c, h, w)
+        # unconditional branch: one all-zero latent frame, then the query
+        uncondition = torch.cat([torch.zeros_like(query_latents[:, :, :1]), query_latents], dim=2).to(dtype)
+        do_cfg = guidance_scale > 1.0
+
+        # 2. noise for the target (as many latent frames as the query)
+        shape = tuple(query_latents.shape)
+        if latents is None:
+            noise_device = generator.device if generator is not None else device
+            latents = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        # 3. Euler integration in diffusers' sigma convention
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, timestep in enumerate(timesteps):
+                sigma = float(self.scheduler.sigmas[i])
+                flow_time = torch.full((1,), 1.0 - sigma, device=device)  # LaVin time: 1 = data
+                velocity = self.transformer(latents.to(dtype), condition, flow_time).sample
+                if do_cfg:
+                    velocity_u = self.transformer(latents.to(dtype), uncondition, flow_time).sample
+                    velocity = velocity_u + guidance_scale * (velocity - velocity_u)
+                # diffusers' flow velocity is noise - data: negate LaVin's data - noise
+                latents = self.scheduler.step(-velocity.float(), timestep, latents).prev_sample
+                progress.update()
+
+        # 4. decode
+        if output_type == "latent":
+            frames = latents
+        else:
+            pixels = self.decode_latents(latents)[0]  # (3, T, H, W) in [-1, 1]
+            unit = (pixels + 1) / 2
+            if output_type == "pt":
+                frames = unit.transpose(0, 1).cpu()  # (T, 3, H, W)
+            else:
+                array = unit.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+                frames = array if output_type == "np" else self.numpy_to_pil(array)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return LaVinDiTPipelineOutput(frames=frames)
