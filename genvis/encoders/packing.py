@@ -200,9 +200,9 @@ def tokens_to_grids(tokens: torch.Tensor, grid_thw: torch.Tensor, merge_size: in
 def _to_frames(image, index: int) -> torch.Tensor:
     """PIL image, ``(C, H, W)`` or ``(T, C, H, W)`` tensor/array -> float ``(T, C, H, W)`` (uint8 scaled to [0, 1])."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
-        image = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     elif isinstance(image, np.ndarray):
-        image = torch.from_numpy(image)
+        image = torch.from_numpy(np.ascontiguousarray(image))
     if not torch.is_tensor(image):
         raise ValueError(f"item {index}: expected a tensor, array or PIL image, got {type(image).__name__}")
     if image.ndim == 3:
