@@ -1,0 +1,292 @@
+"""genvis Gradio demo: LaVin-DiT in-context tasks, MVDiT text-to-video, encoder inspection, MLLM chat.
+
+    python serve/app.py --checkpoint runs/lavin_dit [--mvdit-checkpoint runs/mvdit] [--host 127.0.0.1 --port 7860]
+
+This file only wires the UI: what each button does lives in ``serve/handlers.py``, input checks in
+``serve/validation.py`` and checkpoint discovery in ``serve/loading.py`` (README "Gradio demo"). Safety settings follow
+specs/perf_reliability_ecosystem.md §B6: loopback bind and no share link by default, analytics off, a bounded queue,
+an upload size limit, a private cache folder as the only upload root, checkpoints in ``blocked_paths``, no URL inputs,
+errors shown as messages (``gr.Error``) so the server keeps serving. Browser test: tests/serve/test_e2e_browser.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ``python serve/app.py`` puts serve/ (not the repository) on sys.path; the app imports ``serve.*`` modules.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no analytics / version-check traffic
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from serve.handlers import MAX_PAIRS, MAX_STEPS, run_builtin_task, run_text_to_video, run_uploaded_task
+from serve.loading import CheckpointLoadError, ModelSlot, load_slot
+from serve.validation import InputError, UploadLimits
+
+logger = logging.getLogger("genvis.serve")
+
+QUEUE_SIZE = 16  # requests waiting at most; more are refused by Gradio with a "queue is full" message
+BUILTIN_EXAMPLES = [["colorization", 2, 0], ["edge_detection", 2, 1], ["inpainting", 1, 2], ["frame_prediction", 1, 0]]
+PROMPT_EXAMPLES = [
+    ["a red circle moves from left to right over a black background"],
+    ["a green square falls from top to bottom"],
+]
+
+
+@dataclass
+class ServeConfig:
+    """Everything the UI needs, resolved from the command line.
+
+    Args:
+        lavin: LaVin-DiT pipeline slot.
+        mvdit: MVDiT pipeline slot.
+        cache_dir: private folder for Gradio's uploads and our outputs (the only upload root).
+        size: LaVin-DiT working resolution (square).
+        steps: default sampling steps.
+        limits: upload limits.
+        blocked: folders Gradio must never serve (checkpoints).
+    """
+
+    lavin: ModelSlot
+    mvdit: ModelSlot
+    cache_dir: Path
+    size: int = 64
+    steps: int = 10
+    limits: UploadLimits = field(default_factory=UploadLimits)
+    blocked: list[str] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.cache_dir / "outputs"
+
+    @property
+    def examples_dir(self) -> Path:
+        return self.cache_dir / "examples"
+
+
+def _guarded(action: Callable[[], Any], gr) -> Any:
+    """Run one request; refused input / missing model / unexpected failure become a UI message, never a trace."""
+    try:
+        return action()
+    except (InputError, CheckpointLoadError) as err:
+        logger.warning(f"request refused: {err}")
+        raise gr.Error(str(err), print_exception=False) from None
+    except Exception as err:  # any other failure: keep serving, keep the traceback in the log only
+        logger.exception("request failed")
+        raise gr.Error(
+            f"Internal error ({type(err).__name__}); the request was dropped and the server log has the details.",
+            print_exception=False,
+        ) from None
+
+
+def _write_upload_examples(config: ServeConfig) -> list[list[Any]]:
+    """Two colorization pairs + a query as PNG files, for the upload section's examples."""
+    from genvis.tasks import get_task, sample_episode
+    from serve.handlers import _clip_frames as clip_frames
+    from serve.handlers import filmstrip
+
+    config.examples_dir.mkdir(parents=True, exist_ok=True)
+    episode = sample_episode(get_task("colorization"), 2, seed=7, size=config.size, split="test")
+    context = []
+    for index, (source, target) in enumerate(episode.context_pairs, start=1):
+        for role, clip in (("input", source), ("target", target)):
+            path = config.examples_dir / f"colorization_{role}_{index}.png"
+            filmstrip(clip_frames(clip)).save(path)
+            context.append(str(path))
+    query = config.examples_dir / "colorization_query.png"
+    filmstrip(clip_frames(episode.query)).save(query)
+    return [[context, str(query)]]
+
+
+def build_demo(config: ServeConfig):
+    """The Gradio Blocks app (not launched)."""
+    import gradio as gr
+
+    roots = [config.cache_dir]
+    track_progress = gr.Progress(track_tqdm=True)  # the pipelines' tqdm bars drive the UI progress bar
+    from genvis.tasks import list_tasks
+
+    with gr.Blocks(title="genvis demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# genvis demo\nTiny CPU checkpoints give rough results; the point is the full path from a training run to a served model."
+        )
+        with gr.Tabs():
+            # ---------------------------------------------------------------------------------------------------
+            with gr.Tab("LaVin-DiT in-context", id="lavin"):
+                gr.Markdown(config.lavin.message, elem_id="lavin-status")
+                with gr.Row():
+                    steps = gr.Slider(
+                        1, MAX_STEPS, value=config.steps, step=1, label="Sampling steps", elem_id="lavin-steps"
+                    )
+                    guidance = gr.Slider(
+                        0.0, 10.0, value=1.5, step=0.1, label="Guidance scale", elem_id="lavin-guidance"
+                    )
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="lavin-seed")
+                with gr.Tabs():
+                    with gr.Tab("Built-in task", id="lavin-builtin"):
+                        task = gr.Dropdown(list_tasks(), value="colorization", label="Task", elem_id="lavin-task")
+                        pairs = gr.Slider(1, MAX_PAIRS, value=2, step=1, label="Context pairs", elem_id="lavin-pairs")
+                        run_builtin = gr.Button("Run task", variant="primary", elem_id="lavin-run-builtin")
+                        gr.Examples(BUILTIN_EXAMPLES, inputs=[task, pairs, seed], label="Examples (held-out episodes)")
+                    with gr.Tab("Upload your own", id="lavin-upload"):
+                        gr.Markdown(
+                            f"Upload context images in order **input 1, target 1, input 2, target 2, ...** "
+                            f"(at most {MAX_PAIRS} pairs) and a query image. PNG, JPEG, WEBP, BMP or GIF, at most "
+                            f"{config.limits.max_bytes // 2**20} MiB and {config.limits.max_pixels / 1e6:.1f} MP each; "
+                            f"images are centre-cropped to a square and resized to {config.size} px."
+                        )
+                        context_files = gr.File(file_count="multiple", label="Context pairs", elem_id="lavin-context")
+                        query_file = gr.File(label="Query image", elem_id="lavin-query")
+                        run_upload = gr.Button("Run on uploads", variant="primary", elem_id="lavin-run-upload")
+                        try:
+                            upload_examples = _write_upload_examples(config)
+                        except (OSError, ValueError) as err:
+                            logger.warning(f"upload examples unavailable: {err}")
+                            upload_examples = []
+                        if upload_examples:
+                            gr.Examples(upload_examples, inputs=[context_files, query_file], label="Example uploads")
+                with gr.Row():
+                    output = gr.Image(
+                        label="Prediction", type="pil", format="png", elem_id="lavin-output", interactive=False
+                    )
+                    gallery = gr.Gallery(label="Context, query, prediction", columns=4, elem_id="lavin-gallery")
+                info = gr.Markdown(elem_id="lavin-info")
+
+            def on_builtin(task_name, num_pairs, steps_value, guidance_value, seed_value, progress=track_progress):
+                def action():
+                    pipe = config.lavin.require()
+                    return run_builtin_task(
+                        pipe, task_name, num_pairs, seed_value, steps_value, guidance_value, config.size
+                    )
+
+                result = _guarded(action, gr)
+                return result.prediction, result.gallery, result.message
+
+            def on_upload(files, query, steps_value, guidance_value, seed_value, progress=track_progress):
+                def action():
+                    pipe = config.lavin.require()
+                    return run_uploaded_task(
+                        pipe, files, query, steps_value, guidance_value, seed_value, config.size, config.limits, roots
+                    )
+
+                result = _guarded(action, gr)
+                return result.prediction, result.gallery, result.message
+
+            run_builtin.click(
+                on_builtin, [task, pairs, steps, guidance, seed], [output, gallery, info], api_name="lavin_builtin"
+            )
+            run_upload.click(
+                on_upload,
+                [context_files, query_file, steps, guidance, seed],
+                [output, gallery, info],
+                api_name="lavin_upload",
+            )
+
+            # ---------------------------------------------------------------------------------------------------
+            with gr.Tab("MVDiT text-to-video", id="mvdit"):
+                gr.Markdown(config.mvdit.message, elem_id="mvdit-status")
+                default_frames = getattr(config.mvdit.pipeline, "default_num_frames", 16) if config.mvdit.ready else 16
+                prompt = gr.Textbox(label="Prompt", lines=2, max_length=500, elem_id="mvdit-prompt")
+                with gr.Row():
+                    frames = gr.Slider(1, 33, value=default_frames, step=1, label="Frames", elem_id="mvdit-frames")
+                    video_steps = gr.Slider(
+                        1, MAX_STEPS, value=config.steps, step=1, label="Sampling steps", elem_id="mvdit-steps"
+                    )
+                    video_guidance = gr.Slider(
+                        0.0, 20.0, value=7.0, step=0.5, label="Guidance scale", elem_id="mvdit-guidance"
+                    )
+                    video_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="mvdit-seed")
+                run_video = gr.Button("Generate video", variant="primary", elem_id="mvdit-run")
+                gr.Examples(PROMPT_EXAMPLES, inputs=[prompt], label="Example prompts")
+                with gr.Row():
+                    video = gr.Video(label="Video", elem_id="mvdit-video", interactive=False)
+                    preview = gr.Image(
+                        label="Frames", type="pil", format="png", elem_id="mvdit-preview", interactive=False
+                    )
+                video_info = gr.Markdown(elem_id="mvdit-info")
+
+            def on_video(text, num_frames, steps_value, guidance_value, seed_value, progress=track_progress):
+                def action():
+                    pipe = config.mvdit.require()
+                    return run_text_to_video(
+                        pipe, text, num_frames, steps_value, guidance_value, seed_value, config.output_dir
+                    )
+
+                result = _guarded(action, gr)
+                return str(result.video_path), result.preview, result.message
+
+            run_video.click(
+                on_video,
+                [prompt, frames, video_steps, video_guidance, video_seed],
+                [video, preview, video_info],
+                api_name="mvdit_generate",
+            )
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="LaVin-DiT run folder, checkpoint-XXXXXXXX folder or exported pipeline")
+    parser.add_argument("--mvdit-checkpoint", help="MVDiT run folder, checkpoint folder or exported pipeline")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--size", type=int, default=64, help="LaVin-DiT working resolution in pixels (square)")
+    parser.add_argument("--steps", type=int, default=10, help="default sampling steps shown in the UI")
+    parser.add_argument("--max-file-mb", type=int, default=20, help="largest upload in MiB")
+    parser.add_argument("--max-megapixels", type=float, default=16.7, help="largest upload in megapixels")
+    parser.add_argument("--cache-dir", help="private folder for uploads and outputs (default: a new temp folder)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.steps <= MAX_STEPS:
+        parser.error(f"--steps: expected 1..{MAX_STEPS}, got {args.steps}")
+    if args.size < 16 or args.size % 8:
+        parser.error(f"--size: expected a multiple of 8 >= 16, got {args.size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="genvis-serve-")).resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)  # uploads land here and nowhere else
+    limits = UploadLimits(max_bytes=args.max_file_mb * 2**20, max_pixels=int(args.max_megapixels * 1e6))
+    blocked = [str(Path(p).resolve()) for p in (args.checkpoint, args.mvdit_checkpoint) if p]
+    config = ServeConfig(
+        lavin=load_slot(args.checkpoint, "lavin_dit", device=args.device),
+        mvdit=load_slot(args.mvdit_checkpoint, "mvdit", device=args.device),
+        cache_dir=cache_dir,
+        size=args.size,
+        steps=args.steps,
+        limits=limits,
+        blocked=blocked,
+    )
+    demo = build_demo(config)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    logger.info(f"serving on http://{args.host}:{args.port} (uploads and outputs in {cache_dir})")
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=limits.max_bytes,
+        allowed_paths=[str(config.examples_dir)],
+        blocked_paths=[*blocked, str(Path.home() / ".cache"), ".env"],
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        enable_monitoring=False,
+        footer_links=["api", "settings"],
+    )
+
+
+if __name__ == "__main__":
+    main()

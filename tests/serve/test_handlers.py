@@ -1,0 +1,337 @@
+"""serve/ handlers, validation and checkpoint loading, called directly with tiny random-init checkpoints.
+
+Every refusal is checked by its message: the demo shows these messages to people as they are.
+"""
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
+from genvis.pipelines import LaVinDiTPipeline
+from serve.handlers import fit_square, run_builtin_task, run_text_to_video, run_uploaded_task
+from serve.loading import CheckpointLoadError, load_family, load_slot, resolve_pipeline_dir
+from serve.validation import InputError, UploadLimits, check_int, check_number, check_text, load_image, pair_up
+
+SIZE = 32
+LIMITS = UploadLimits(max_bytes=64 * 1024, max_pixels=512 * 512, max_side=1024)
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming ``width x height`` with a tiny payload: a pixel bomb that costs nothing to make."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def save_image(path: Path, size=(40, 30), color=(200, 30, 30), fmt=None) -> Path:
+    PIL.Image.new("RGB", size, color).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lavin_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    vae = PixelUnshuffleAutoencoder()
+    transformer = LaVinDiTTransformer3DModel.from_preset("tiny", in_channels=vae.config.latent_channels)
+    folder = tmp_path_factory.mktemp("lavin") / "pipeline"
+    LaVinDiTPipeline(transformer, vae, FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lavin(lavin_dir):
+    pipe, folder = load_family(lavin_dir, "lavin_dit")
+    assert folder == lavin_dir
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# upload validation
+
+
+def test_load_image_accepts_and_converts(tmp_path):
+    image = load_image(save_image(tmp_path / "a.png", fmt="PNG"), "query image", LIMITS, [tmp_path])
+    assert image.mode == "RGB" and image.size == (40, 30)
+    rgba = tmp_path / "b.webp"
+    PIL.Image.new("RGBA", (8, 8), (1, 2, 3, 4)).save(rgba)
+    assert load_image(rgba, "query image", LIMITS, [tmp_path]).mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda d: ((d / "empty.png").write_bytes(b"") and None) or d / "empty.png",
+            r"'empty.png' is empty \(0 bytes\)",
+        ),
+        (
+            lambda d: (d / "notes.png").write_text("hello, not an image") and d / "notes.png",
+            r"'notes.png' is not an image in an accepted format \(expected PNG, .*starts with b'hello, n'",
+        ),
+        (lambda d: huge_png(d / "bomb.png", 20000, 20000), r"'bomb.png' is 400.0 MP; the limit is 0.3 MP"),
+        (
+            lambda d: huge_png(d / "wide.png", 2000, 10),
+            r"'wide.png' is 2000x10 = 0.0 MP; the limit is .* 1024 px per side",
+        ),
+        (lambda d: huge_png(d / "big.png", 600, 600), r"'big.png' is 600x600 = 0.4 MP; the limit is 0.3 MP"),
+        (
+            lambda d: (d / "big.bmp").write_bytes(b"BM" + os.urandom(70 * 1024)) and d / "big.bmp",
+            r"'big.bmp' is 70.0 KiB; the limit is 64.0 KiB",
+        ),
+        (lambda d: save_image(d / "scan.tif", fmt="TIFF"), r"'scan.tif' is not an image in an accepted format"),
+    ],
+    ids=["zero-byte", "non-image", "pixel-bomb", "too-wide", "too-many-pixels", "too-many-bytes", "tiff"],
+)
+def test_load_image_refusals(tmp_path, make, message):
+    with pytest.raises(InputError, match=message) as info:
+        load_image(make(tmp_path), "query image", LIMITS, [tmp_path])
+    assert str(info.value).startswith("query image: ")
+
+
+def test_load_image_truncated(tmp_path):
+    good = save_image(tmp_path / "full.png", size=(64, 64), fmt="PNG")
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"'cut.png' \(PNG, 64x64\) is truncated or corrupt"):
+        load_image(cut, "context image 1", LIMITS, [tmp_path])
+
+
+def test_paths_outside_the_upload_root_are_refused(tmp_path):
+    root = tmp_path / "uploads"
+    root.mkdir()
+    outside = save_image(tmp_path / "secret.png", fmt="PNG")
+    with pytest.raises(InputError, match="outside the upload folder"):
+        load_image(root / ".." / "secret.png", "query image", LIMITS, [root])
+    (root / "link.png").symlink_to(outside)
+    with pytest.raises(InputError, match="outside the upload folder"):
+        load_image(root / "link.png", "query image", LIMITS, [root])
+    with pytest.raises(InputError, match="outside the upload folder"):
+        load_image("/etc/passwd", "query image", LIMITS, [root])
+    (root / "folder.png").mkdir()
+    with pytest.raises(InputError, match="is not a file"):
+        load_image(root / "folder.png", "query image", LIMITS, [root])
+
+
+def test_field_checks():
+    assert check_int(3.0, "seed", 0, 9) == 3
+    with pytest.raises(InputError, match=r"seed: expected a whole number in \[0, 9\], got 2.5"):
+        check_int(2.5, "seed", 0, 9)
+    with pytest.raises(InputError, match=r"sampling steps: expected a whole number in \[1, 50\], got 0"):
+        check_int(0, "sampling steps", 1, 50)
+    with pytest.raises(InputError, match=r"guidance scale: expected a number in \[0.0, 10.0\], got nan"):
+        check_number(float("nan"), "guidance scale", 0.0, 10.0)
+    with pytest.raises(InputError, match="prompt: expected some text, got an empty field"):
+        check_text("   ", "prompt", 10)
+    with pytest.raises(InputError, match="prompt: expected at most 10 characters, got 11"):
+        check_text("x" * 11, "prompt", 10)
+    with pytest.raises(InputError, match=r"expected an even number of images .* got 3"):
+        pair_up([None] * 3, "context pairs", 4)
+    with pytest.raises(InputError, match=r"at most 1 pairs \(2 images\), got 4"):
+        pair_up([None] * 4, "context pairs", 1)
+
+
+def test_fit_square_keeps_the_centre():
+    image = PIL.Image.new("RGB", (90, 30), (0, 0, 0))
+    image.paste((255, 255, 255), (30, 0, 60, 30))  # white centre third
+    square = fit_square(image, 16)
+    assert square.size == (16, 16) and np.asarray(square).min() > 200
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checkpoint discovery and loading
+
+
+def test_missing_checkpoint_messages(tmp_path):
+    slot = load_slot(None, "lavin_dit")
+    assert not slot.ready and "No LaVin-DiT checkpoint given" in slot.message
+    assert "accelerate launch train/lavin_dit.py" in slot.message
+    with pytest.raises(CheckpointLoadError, match="No LaVin-DiT checkpoint given"):
+        slot.require()
+    slot = load_slot(tmp_path / "nope", "mvdit")
+    assert f"{tmp_path / 'nope'} does not exist" in slot.message and "accelerate launch train/mvdit.py" in slot.message
+    with pytest.raises(CheckpointLoadError, match=r"is not a run folder \(no checkpoints/\)"):
+        resolve_pipeline_dir(tmp_path, "lavin_dit")
+
+
+def test_wrong_family_and_damaged_weights(tmp_path, lavin_dir):
+    with pytest.raises(CheckpointLoadError, match="holds a LaVinDiTPipeline, expected a MVDiTPipeline"):
+        load_family(lavin_dir, "mvdit")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for item in lavin_dir.iterdir():
+        target = damaged / item.name
+        if item.is_dir():
+            target.mkdir()
+            for file in item.iterdir():
+                (target / file.name).write_bytes(file.read_bytes())
+        else:
+            target.write_bytes(item.read_bytes())
+    weights = next((damaged / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    slot = load_slot(damaged, "lavin_dit")
+    assert not slot.ready and "could not be loaded as a LaVinDiTPipeline (incompatible or damaged" in slot.message
+
+
+def test_run_folder_resolves_to_newest_complete_checkpoint(tmp_path, lavin_dir):
+    from accelerate import Accelerator
+
+    from genvis.training import CheckpointManager
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    del model, optimizer
+    run = tmp_path / "run"
+    manager = CheckpointManager(accelerator, run / "checkpoints", total_limit=None)
+    pipe = LaVinDiTPipeline.from_pretrained(lavin_dir)
+
+    def export(folder: Path) -> None:
+        pipe.save_pretrained(folder / "pipeline")
+
+    manager.state.step = 2
+    first = manager.save(export_fn=export)
+    manager.state.step = 4
+    second = manager.save(export_fn=export)
+    assert resolve_pipeline_dir(run, "lavin_dit") == second / "pipeline"
+    assert resolve_pipeline_dir(first, "lavin_dit") == first / "pipeline"
+
+    # a corrupt newest checkpoint is skipped for the run folder and named when asked for directly
+    weights = next((second / "pipeline" / "transformer").glob("*.safetensors"))
+    weights.write_bytes(b"x" + weights.read_bytes()[1:])
+    assert resolve_pipeline_dir(run, "lavin_dit") == first / "pipeline"
+    with pytest.raises(CheckpointLoadError, match=r"is incomplete or corrupt: .*sha256 mismatch"):
+        resolve_pipeline_dir(second, "lavin_dit")
+
+    # a complete checkpoint with no export (not written by the training script) says how to make one
+    manager.state.step = 6
+    bare = manager.save()
+    with pytest.raises(
+        CheckpointLoadError, match=r"holds no exported pipeline.*accelerate launch train/lavin_dit\.py"
+    ):
+        resolve_pipeline_dir(bare, "lavin_dit")
+    loaded = load_slot(run, "lavin_dit")
+    assert loaded.ready and loaded.folder == first / "pipeline" and "loaded" in loaded.message
+    marker = json.loads((first / "COMPLETE.json").read_text())
+    assert marker["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LaVin-DiT handlers
+
+
+def test_builtin_image_task(lavin):
+    result = run_builtin_task(lavin, "colorization", 2, 0, 2, 1.5, SIZE)
+    assert result.prediction.size == (SIZE, SIZE)
+    assert [caption for _, caption in result.gallery] == [
+        "input 1", "target 1", "input 2", "target 2", "query", "prediction", "exact answer",
+    ]  # fmt: skip
+    assert result.message.startswith("colorization: 2 context pair(s), 1 frame(s), 2 steps")
+    again = run_builtin_task(lavin, "colorization", 2, 0, 2, 1.5, SIZE)
+    assert np.array_equal(np.asarray(again.prediction), np.asarray(result.prediction))  # seeded
+
+
+def test_builtin_video_task_is_a_filmstrip(lavin):
+    result = run_builtin_task(lavin, "frame_prediction", 1, 0, 1, 1.0, SIZE)
+    assert result.prediction.size == (5 * SIZE, SIZE)  # 5 frames side by side
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"task": "teleportation"}, r"task: expected one of colorization, .*got 'teleportation'"),
+        ({"num_pairs": 9}, r"context pairs: expected a whole number in \[1, 4\], got 9"),
+        ({"steps": 500}, r"sampling steps: expected a whole number in \[1, 50\], got 500"),
+        ({"guidance": -1}, r"guidance scale: expected a number in \[0.0, 10.0\], got -1"),
+        ({"seed": -3}, r"seed: expected a whole number in \[0, 2147483647\], got -3"),
+    ],
+)
+def test_builtin_task_refusals(lavin, kwargs, message):
+    args = {"task": "colorization", "num_pairs": 1, "seed": 0, "steps": 1, "guidance": 1.0, **kwargs}
+    with pytest.raises(InputError, match=message):
+        run_builtin_task(lavin, size=SIZE, **args)
+
+
+def test_uploaded_task_and_bad_uploads(lavin, tmp_path):
+    files = [
+        save_image(tmp_path / f"{name}.png", color=color) for name, color in (("in", (9, 9, 9)), ("out", (250, 0, 0)))
+    ]
+    query = save_image(tmp_path / "query.jpg", size=(64, 48))
+    result = run_uploaded_task(lavin, files, query, 2, 1.5, 0, SIZE, LIMITS, [tmp_path])
+    assert result.prediction.size == (SIZE, SIZE) and len(result.gallery) == 4
+    assert result.message.startswith("uploaded task: 1 context pair(s), 2 steps")
+
+    def refused(context, query_file, message):
+        with pytest.raises(InputError, match=message):
+            run_uploaded_task(lavin, context, query_file, 2, 1.5, 0, SIZE, LIMITS, [tmp_path])
+
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    refused(files, tmp_path / "zero.png", r"query image: 'zero.png' is empty \(0 bytes\)")
+    refused(files, tmp_path / "text.png", r"query image: 'text.png' is not an image")
+    refused(files, huge_png(tmp_path / "bomb.png", 20000, 20000), r"query image: 'bomb.png' is 400.0 MP; the limit is")
+    refused([files[0], tmp_path / "text.png"], query, r"context image 2: 'text.png' is not an image")
+    refused(files[:1], query, "context pairs: expected an even number of images")
+    refused([], query, "context pairs: expected at least one")
+    refused(files, None, "query image: expected an uploaded image, got nothing")
+    # after all that the handler still serves a good request
+    assert run_uploaded_task(lavin, files, query, 1, 1.0, 1, SIZE, LIMITS, [tmp_path]).prediction.size == (SIZE, SIZE)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# MVDiT handler
+
+
+@pytest.fixture(scope="module")
+def mvdit(tmp_path_factory):
+    from genvis.diffusion.text_to_video import TextToVideoObjective
+    from genvis.models.mvdit import MVDIT_PRESETS, MVDiTTransformer3DModel
+    from genvis.pipelines.pipeline_mvdit import MVDiTPipeline, build_image_vae
+    from genvis.text import load_text_encoder, text_embed_dim
+
+    torch.manual_seed(0)
+    tokenizer, encoder = load_text_encoder("tiny-t5")
+    vae = build_image_vae("tiny")
+    config = {
+        **MVDIT_PRESETS["tiny"],
+        "in_channels": vae.config.latent_channels,
+        "text_embed_dim": text_embed_dim(encoder),
+        "max_text_length": 24,
+    }
+    transformer = MVDiTTransformer3DModel(**config)
+    pipe = MVDiTPipeline(tokenizer, encoder, transformer, vae, TextToVideoObjective("ddpm").make_scheduler())
+    folder = tmp_path_factory.mktemp("mvdit") / "pipeline"
+    pipe.save_pretrained(folder)
+    loaded, _ = load_family(folder, "mvdit")
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def test_text_to_video(mvdit, tmp_path):
+    from genvis.data.video import read_frames
+
+    result = run_text_to_video(mvdit, "a red circle moves left", 3, 2, 4.0, 0, tmp_path / "out")
+    assert result.video_path.parent == tmp_path / "out" and result.video_path.suffix == ".mp4"
+    frames = read_frames(result.video_path)
+    assert len(frames) == 3
+    assert result.preview.size[0] == 3 * result.preview.size[1]
+    assert result.message.startswith("3 frames at")
+    with pytest.raises(InputError, match="prompt: expected some text"):
+        run_text_to_video(mvdit, "", 3, 2, 4.0, 0, tmp_path)
+    with pytest.raises(InputError, match=r"frames: expected a whole number in \[1, 33\], got 0"):
+        run_text_to_video(mvdit, "a cat", 0, 2, 4.0, 0, tmp_path)
