@@ -178,8 +178,8 @@ class RectifiedFlowLoss:
     loss: torch.Tensor
     per_sample: torch.Tensor
     timesteps: torch.Tensor
-    prediction: torch.Tensor
-    target: torch.Tensor
+    prediction: torch.Tensor | list[torch.Tensor]
+    target: torch.Tensor | list[torch.Tensor]
 
 
 class RectifiedFlow:
@@ -220,41 +220,67 @@ class RectifiedFlow:
     def training_loss(
         self,
         model: Callable[..., object],
-        target_latents: torch.Tensor,
-        context_latents: torch.Tensor,
+        target_latents: torch.Tensor | Sequence[torch.Tensor],
+        context_latents: torch.Tensor | Sequence[torch.Tensor],
         *,
         generator: Generators = None,
-        query_frames: int = 1,
+        query_frames: int | Sequence[int] = 1,
         loss_mask: torch.Tensor | None = None,
     ) -> RectifiedFlowLoss:
         """One training loss evaluation.
 
         Args:
             model: a :class:`~genvis.models.LaVinDiTTransformer3DModel` (or a wrapper with the same call signature).
-            target_latents: clean target latents ``(B, C, T_x, H, W)``.
-            context_latents: clean condition latents ``(B, C, T_c, H, W)`` (pairs then query).
-            generator: one generator, or one per sample (:func:`sample_generators`), for t, noise and dropout.
-            query_frames: latent frames of the query at the end of the condition stream.
-            loss_mask: optional weights broadcastable to ``target_latents``.
+            target_latents: clean target latents ``(B, C, T_x, H, W)``, or a list of ``(C, T_x_i, H_i, W_i)``
+                samples of different shapes (run packed).
+            context_latents: clean condition latents ``(B, C, T_c, H, W)`` (pairs then query), or a list.
+            generator: one generator, or one per sample (:func:`sample_generators`), for t, noise and dropout (drawn
+                in that order per sample).
+            query_frames: latent frames of the query at the end of the condition stream (per sample or one value).
+            loss_mask: optional weights broadcastable to ``target_latents`` (padded input only).
+
+        Returns:
+            :class:`RectifiedFlowLoss`; ``prediction`` / ``target`` are lists when the input was.
         """
-        if target_latents.ndim != 5 or context_latents.ndim != 5:
+        packed = isinstance(target_latents, (list, tuple))
+        if packed != isinstance(context_latents, (list, tuple)):
+            raise ValueError("target_latents and context_latents must both be tensors or both be lists")
+        if not packed and (target_latents.ndim != 5 or context_latents.ndim != 5):
             raise ValueError(
                 f"latents must be (B, C, T, H, W), got target {tuple(target_latents.shape)} and context "
                 f"{tuple(context_latents.shape)}"
             )
-        batch, device = target_latents.shape[0], target_latents.device
+        if packed and loss_mask is not None:
+            raise ValueError("loss_mask is only supported for padded (tensor) latents")
+        targets = list(target_latents)
+        batch, device = len(targets), targets[0].device
         timesteps = self.sample_timesteps(batch, generator, device)
-        noise = _randn(tuple(target_latents.shape), generator, device, target_latents.dtype)
-        drop = _uniform(batch, generator, device) < self.context_dropout
-        noisy = interpolate(target_latents, noise, timesteps)
-        velocity = target_latents - noise
-
-        if bool(drop.any()):
-            # per-sample lengths now differ: run the model on packed samples
-            contexts = drop_context(context_latents, drop, query_frames)
-            prediction = torch.stack(model(list(noisy), contexts, timesteps).sample)
+        if packed and not (generator is None or isinstance(generator, torch.Generator)):
+            noise = [_randn((1, *x.shape), [g], device, x.dtype)[0] for x, g in zip(targets, generator)]
+        elif packed:
+            noise = [_randn(tuple(x.shape), generator, device, x.dtype) for x in targets]
         else:
+            noise = _randn(tuple(target_latents.shape), generator, device, target_latents.dtype)
+        drop = _uniform(batch, generator, device) < self.context_dropout
+
+        if not packed and not bool(drop.any()):
+            noisy = interpolate(target_latents, noise, timesteps)
+            velocity = target_latents - noise
             prediction = model(noisy, context_latents, timesteps).sample
+            per_sample = flow_matching_loss(prediction, velocity, self.l1_weight, loss_mask)
+            return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
+
+        # per-sample lengths differ (variable shapes or dropped context): run the model on packed samples
+        noisy = [interpolate(x[None], n[None], t[None])[0] for x, n, t in zip(targets, noise, timesteps)]
+        velocity = [x - n for x, n in zip(targets, noise)]
+        contexts = drop_context(context_latents, drop, query_frames)
+        prediction = model(noisy, contexts, timesteps).sample
+        if packed:
+            per_sample = torch.cat(
+                [flow_matching_loss(p[None], u[None], self.l1_weight) for p, u in zip(prediction, velocity)]
+            )
+            return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, list(prediction), velocity)
+        prediction, velocity = torch.stack(prediction), torch.stack(velocity)
         per_sample = flow_matching_loss(prediction, velocity, self.l1_weight, loss_mask)
         return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
 

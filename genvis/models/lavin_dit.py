@@ -62,7 +62,8 @@ def lavin_dit_mlp_hidden_dim(dim: int) -> int:
 
 # Size presets. "3.4B" is the released ``LaVinDiT_3B_2``; "1.0B" uses the official class defaults (1152/28/16) with
 # GQA-4; "0.1B" is not published (spec §1.5 [inf]); "tiny" is the CPU/CI size. attention_head_dim is 72 (or 24 for
-# tiny) because the 3D RoPE needs head_dim % 6 == 0.
+# tiny) because the 3D RoPE needs head_dim % 6 == 0. in_channels defaults to the ST-VAE's 16; train/lavin_dit.py sets it
+# from the VAE it uses.
 LAVIN_DIT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2, "attention_head_dim": 24},
     "0.1B": {"num_layers": 10, "num_attention_heads": 8, "num_kv_heads": 8, "attention_head_dim": 72},

@@ -26,6 +26,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.utils import BaseOutput
 
+from genvis.diffusion.in_context import decode_clips, encode_clips, vae_compression
 from genvis.models.lavin_dit import LaVinDiTTransformer3DModel
 
 __all__ = ["ClipLike", "LaVinDiTPipeline", "LaVinDiTPipelineOutput"]
@@ -46,16 +47,6 @@ class LaVinDiTPipelineOutput(BaseOutput):
     """
 
     frames: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-
-
-def _compression(vae) -> tuple[int, int]:
-    """(temporal, spatial) compression of an ST-VAE / AutoencoderKLCogVideoX or a pixel-unshuffle autoencoder."""
-    config = vae.config
-    temporal = int(getattr(config, "temporal_compression_ratio", 1) or 1)
-    spatial = getattr(config, "spatial_compression_ratio", None)
-    if spatial is None:
-        spatial = 2 ** (len(config.block_out_channels) - 1)
-    return temporal, int(spatial)
 
 
 class LaVinDiTPipeline(DiffusionPipeline):
@@ -114,7 +105,7 @@ class LaVinDiTPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        _, spatial = _compression(self.vae)
+        _, spatial = vae_compression(self.vae)
         multiple = spatial * self.transformer.config.patch_size
         for name, value in (("height", height), ("width", width)):
             if value is not None and (not isinstance(value, int) or value <= 0 or value % multiple):
@@ -130,7 +121,9 @@ class LaVinDiTPipeline(DiffusionPipeline):
             return
         if isinstance(item, torch.Tensor):
             if item.ndim not in (3, 4) or item.shape[0] != 3:
-                raise ValueError(f"{name}: tensors must be (3, H, W) or (3, T, H, W) in [-1, 1], got {tuple(item.shape)}")
+                raise ValueError(
+                    f"{name}: tensors must be (3, H, W) or (3, T, H, W) in [-1, 1], got {tuple(item.shape)}"
+                )
             return
         raise ValueError(f"{name}: expected a PIL image, a list of PIL frames or a tensor, got {type(item).__name__}")
 
@@ -151,37 +144,22 @@ class LaVinDiTPipeline(DiffusionPipeline):
             frames = clip.transpose(0, 1)  # (T, 3, H, W)
             frames = F.interpolate(frames, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
             clip = frames.clamp(-1, 1).transpose(0, 1)
-        temporal, _ = _compression(self.vae)
+        temporal, _ = vae_compression(self.vae)
         if (clip.shape[1] - 1) % temporal:
-            raise ValueError(
-                f"clips must have 1 or 1 + {temporal}k frames for this VAE, got {clip.shape[1]} frames"
-            )
+            raise ValueError(f"clips must have 1 or 1 + {temporal}k frames for this VAE, got {clip.shape[1]} frames")
         return clip
 
     # ------------------------------------------------------------------------------------------------------------
     # latents
-    def _latent_normalization(self) -> tuple[float, float]:
-        shift = getattr(self.vae.config, "shift_factor", None)
-        return (0.0 if shift is None else float(shift)), float(self.vae.config.scaling_factor)
-
     def encode_clips(
         self, clips: Sequence[torch.Tensor], generator: torch.Generator | None = None, sample_posterior: bool = True
     ) -> list[torch.Tensor]:
         """Encode each ``(3, T, H, W)`` clip on its own -> normalised latents ``(C, t, h, w)``."""
-        shift, scale = self._latent_normalization()
-        latents = []
-        for clip in clips:
-            clip = clip.to(device=self._execution_device, dtype=self.vae.dtype)[None]
-            dist = self.vae.encode(clip).latent_dist
-            z = dist.sample(generator=generator) if sample_posterior else dist.mode()
-            latents.append(((z - shift) * scale)[0])
-        return latents
+        return encode_clips(self.vae, clips, generator, sample_posterior)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``(B, C, t, h, w)`` -> pixels ``(B, 3, T, H, W)`` in [-1, 1]."""
-        shift, scale = self._latent_normalization()
-        pixels = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
-        return pixels.float().clamp(-1, 1)
+        return decode_clips(self.vae, latents)
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,157 @@
+"""LaVinDiTPipeline: determinism, output types, input checks, CFG branches, save/load, video queries, ST-VAE."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from genvis.diffusion import LAVIN_DIT_TIME_GRID_20
+from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
+from genvis.pipelines import LaVinDiTPipeline
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.abs().sum() == 0:
+                param.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture
+def pipe() -> LaVinDiTPipeline:
+    torch.manual_seed(0)
+    transformer = LaVinDiTTransformer3DModel(
+        in_channels=12, num_layers=1, num_attention_heads=2, num_kv_heads=1, attention_head_dim=12
+    )
+    pipeline = LaVinDiTPipeline(
+        _randomise(transformer), PixelUnshuffleAutoencoder(), FlowMatchEulerDiscreteScheduler()
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _image(seed: int, size: int = 16) -> torch.Tensor:
+    return torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _pil(seed: int, size: int = 20) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _run(pipe, **kwargs):
+    defaults = {
+        "context_pairs": [(_image(0), _image(1)), (_image(2), _image(3))],
+        "query": _image(4),
+        "num_inference_steps": 3,
+        "generator": torch.Generator().manual_seed(0),
+    }
+    return pipe(**{**defaults, **kwargs})
+
+
+def test_seeded_determinism_and_output_types(pipe):
+    a = _run(pipe, output_type="pt").frames
+    b = _run(pipe, output_type="pt").frames
+    assert a.shape == (1, 3, 16, 16) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    c = _run(pipe, output_type="pt", generator=torch.Generator().manual_seed(1)).frames
+    assert not torch.equal(a, c)
+    np_frames = _run(pipe, output_type="np").frames
+    assert np_frames.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(np_frames, a.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pil = _run(pipe, output_type="pil").frames
+    assert len(pil) == 1 and pil[0].size == (16, 16)
+    latents = _run(pipe, output_type="latent").frames
+    assert latents.shape == (1, 12, 1, 8, 8)
+    (tuple_out,) = _run(pipe, output_type="pt", return_dict=False)
+    assert torch.equal(tuple_out, a)
+
+
+def test_cfg_runs_a_zero_frame_unconditional_branch(pipe):
+    calls = []
+    forward = pipe.transformer.forward
+
+    def spy(hidden_states, encoder_hidden_states, timestep, return_dict=True):
+        calls.append(encoder_hidden_states.clone())
+        return forward(hidden_states, encoder_hidden_states, timestep, return_dict=return_dict)
+
+    pipe.transformer.forward = spy
+    _run(pipe, guidance_scale=1.5)
+    assert [c.shape[2] for c in calls[:2]] == [5, 2]  # [in1, tgt1, in2, tgt2, query] then [zero, query]
+    assert torch.count_nonzero(calls[1][:, :, 0]) == 0
+    torch.testing.assert_close(calls[1][:, :, 1], calls[0][:, :, -1])
+    calls.clear()
+    _run(pipe, guidance_scale=1.0)
+    assert len(calls) == 3  # one forward per step without guidance
+
+
+def test_pil_inputs_are_resized_and_video_queries_keep_their_frames(pipe):
+    out = pipe([(_pil(0), _pil(1))], _pil(2), num_inference_steps=2, height=16, width=24, output_type="pil")
+    assert out.frames[0].size == (24, 16)
+    clip = [_pil(i, size=16) for i in range(3)]
+    frames = pipe([(clip, clip)], clip, num_inference_steps=2, output_type="np").frames
+    assert frames.shape == (3, 16, 16, 3)
+
+
+def test_official_time_grid_as_sigmas(pipe):
+    sigmas = [1 - t for t in LAVIN_DIT_TIME_GRID_20[:-1]]
+    out = _run(pipe, sigmas=sigmas, output_type="pt").frames
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"context_pairs": "pairs"}, "context_pairs must be a list"),
+        ({"context_pairs": [(_image(0),)]}, r"context_pairs\[0\] must be an \(input, target\) pair"),
+        ({"query": torch.zeros(4, 16, 16)}, "query: tensors must be"),
+        ({"query": "image.png"}, "query: expected a PIL image"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0, got -1.0"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be a positive int, got 0"),
+        ({"output_type": "jpeg"}, "output_type must be one of"),
+        ({"height": 15}, "height must be a positive multiple of 4, got 15"),
+        ({"latents": torch.zeros(1, 12, 1, 4, 4)}, "latents must have shape"),
+    ],
+)
+def test_check_inputs_errors(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _run(pipe, **kwargs)
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    expected = _run(pipe, output_type="pt").frames
+    pipe.save_pretrained(tmp_path)
+    loaded = LaVinDiTPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.vae) is PixelUnshuffleAutoencoder
+    torch.testing.assert_close(_run(loaded, output_type="pt").frames, expected, rtol=0, atol=0)
+
+
+def test_pixel_unshuffle_autoencoder_is_exact():
+    vae = PixelUnshuffleAutoencoder(spatial_compression_ratio=4)
+    clip = torch.rand(2, 3, 3, 16, 8) * 2 - 1
+    latents = vae.encode(clip).latent_dist.sample(generator=torch.Generator())
+    assert latents.shape == (2, 48, 3, 4, 2)
+    assert torch.equal(vae.decode(latents).sample, clip)
+    with pytest.raises(ValueError, match="latent_channels"):
+        PixelUnshuffleAutoencoder(latent_channels=5)
+
+
+def test_pipeline_with_the_st_vae():
+    from genvis.vae import build_st_vae
+
+    vae = build_st_vae("tiny").eval()
+    transformer = _randomise(
+        LaVinDiTTransformer3DModel(in_channels=16, num_layers=1, num_attention_heads=2, num_kv_heads=1,
+                                   attention_head_dim=12)
+    )  # fmt: skip
+    pipe = LaVinDiTPipeline(transformer, vae, FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    out = _run(pipe, context_pairs=[(_image(0, 32), _image(1, 32))], query=_image(2, 32), output_type="pt")
+    assert out.frames.shape == (1, 3, 32, 32) and torch.isfinite(out.frames).all()
+    with pytest.raises(ValueError, match="1 or 1 \\+ 4k frames"):
+        _run(pipe, context_pairs=[], query=torch.zeros(3, 2, 32, 32), output_type="pt")

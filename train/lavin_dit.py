@@ -1,0 +1,325 @@
+"""Train LaVin-DiT's J-DiT on the built-in in-context tasks (``genvis.tasks``) with rectified flow.
+
+    accelerate launch train/lavin_dit.py                       # = --config train/configs/lavin_dit/tiny.yaml
+    accelerate launch train/lavin_dit.py --config train/configs/lavin_dit/tiny.yaml --set schedule.max_steps=50
+    accelerate launch --multi_gpu --num_processes 2 train/lavin_dit.py     # 2-process DDP (gloo on CPU)
+
+Every step draws ``schedule.batch_size`` (global) episodes: task mixture index ``step * batch + i`` (rank ``r`` takes its
+contiguous slice), so the data order is a function of the step alone and a relaunched run continues exactly. Each
+sample's time, noise and context dropout come from a generator seeded by its global index
+(``genvis.diffusion.sample_generators``), so N processes reproduce 1 process with the same global batch. Episodes are
+encoded clip by clip by the VAE (``vae.kind``: the exact pixel-unshuffle autoencoder, or a trained ST-VAE from
+``train/st_vae.py``) and trained packed (episodes differ in pair count, frames and size). Every
+``sampling.every_steps`` the pipeline answers held-out episodes: PSNR/IoU against copying the query are logged and a
+grid ``<output_dir>/samples/in_context-<step>.png`` is written (rows: pairs, query, prediction, truth). Checkpoints are
+atomic (``genvis.training.CheckpointManager``, each with a ``pipeline/`` export) and a run resumes from the latest
+complete one; the end exports ``<output_dir>/pipeline`` (``LaVinDiTPipeline.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader, Sampler
+
+from genvis.diffusion import RectifiedFlow, encode_episodes, sample_generators
+from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
+from genvis.pipelines import LaVinDiTPipeline, episode_grid_row, evaluate_in_context
+from genvis.tasks import TaskMixture, collate_episodes, get_task, list_tasks, sample_episode
+from genvis.training import (
+    CheckpointManager,
+    NonFiniteGuard,
+    add_config_arguments,
+    config_from_args,
+    config_to_dict,
+    log_image_grid,
+    progress_bar,
+    setup_accelerator,
+)
+
+logger = get_logger(__name__)
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "lavin_dit" / "tiny.yaml"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    num_layers: int | None = None  # None keeps the preset's value
+    num_attention_heads: int | None = None
+    num_kv_heads: int | None = None
+    attention_head_dim: int | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class VAEConfig:
+    kind: str = "pixel"  # "pixel": exact space-to-depth (no training needed); "st_vae": a trained ST-VAE folder
+    pretrained: str | None = None  # save_pretrained folder of the ST-VAE, e.g. runs/st_vae/vae
+    pixel_factor: int = 2  # space-to-depth factor of the pixel autoencoder
+    sample_posterior: bool = True  # official: encode with a posterior sample
+
+
+@dataclass
+class DataConfig:
+    tasks: list[str] | None = None  # None: every task of `kinds`
+    kinds: list[str] = field(default_factory=lambda: ["image"])
+    num_pairs: list[int] = field(default_factory=lambda: [1, 3])  # inclusive range per episode
+    size: int = 32
+    video_frames: int | None = None  # None keeps the tasks' default (5 = 1 + 4k)
+    num_workers: int = 1
+    seed: int = 0
+
+
+@dataclass
+class FlowConfig:
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    l1_weight: float = 0.1
+    context_dropout: float = 0.1  # unpublished; needed for the zero-frame CFG branch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 20
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int = 300
+    batch_size: int = 16  # global: split evenly over processes
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    total_limit: int = 2
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    log_with: str | None = "tensorboard"
+
+
+@dataclass
+class SamplingConfig:
+    every_steps: int = 150  # also at the end; 0 = only at the end
+    episodes_per_task: int = 2
+    num_pairs: int = 2
+    num_inference_steps: int = 10
+    guidance_scale: float = 1.5
+    split: str = "test"  # held-out sources
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/lavin_dit"
+    seed: int = 0
+    mixed_precision: str = "no"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+class StepSliceSampler(Sampler[int]):
+    """Indices ``step * global_batch + rank * local_batch + i`` for steps ``start_step .. max_steps - 1``."""
+
+    def __init__(self, start_step: int, max_steps: int, global_batch: int, rank: int, world: int) -> None:
+        self.start_step, self.max_steps, self.global_batch = start_step, max_steps, global_batch
+        self.local = global_batch // world
+        self.offset = rank * self.local
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            base = step * self.global_batch + self.offset
+            yield from range(base, base + self.local)
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step) * self.local
+
+
+def build_vae(cfg: VAEConfig):
+    if cfg.kind == "pixel":
+        return PixelUnshuffleAutoencoder(spatial_compression_ratio=cfg.pixel_factor)
+    if cfg.kind == "st_vae":
+        if not cfg.pretrained:
+            raise ValueError(
+                "vae.pretrained: kind 'st_vae' needs a trained ST-VAE folder (train/st_vae.py writes one)"
+            )
+        from genvis.vae import AutoencoderKLSTVAE
+
+        return AutoencoderKLSTVAE.from_pretrained(cfg.pretrained)
+    raise ValueError(f"vae.kind: expected 'pixel' or 'st_vae', got {cfg.kind!r}")
+
+
+def evaluation_episodes(cfg: TrainConfig, tasks: list[str]) -> list:
+    s = cfg.sampling
+    return [
+        sample_episode(task, s.num_pairs, seed=10_000 + i, size=cfg.data.size, split=s.split,
+                       num_frames=cfg.data.video_frames if get_task(task).kind == "video" else None)
+        for task in tasks
+        for i in range(s.episodes_per_task)
+    ]  # fmt: skip
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser, DEFAULT_CONFIG)
+    cfg = config_from_args(TrainConfig, parser.parse_args())
+    out = Path(cfg.output_dir)
+    accelerator = setup_accelerator(
+        out, seed=cfg.seed, mixed_precision=cfg.mixed_precision, log_with=cfg.logging.log_with,
+        project_name="lavin_dit", config=config_to_dict(cfg),
+    )  # fmt: skip
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.schedule.batch_size % world:
+        raise ValueError(f"schedule.batch_size ({cfg.schedule.batch_size}) must be divisible by {world} processes")
+
+    # 1. VAE (frozen), J-DiT, optimiser, LR schedule
+    vae = build_vae(cfg.vae).to(accelerator.device).requires_grad_(False).eval()
+    overrides = {
+        k: v
+        for k, v in config_to_dict(cfg.model).items()
+        if v is not None and k not in ("preset", "gradient_checkpointing")
+    }
+    model = LaVinDiTTransformer3DModel.from_preset(
+        cfg.model.preset, in_channels=int(vae.config.latent_channels), **overrides
+    )
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=cfg.schedule.max_steps)  # fmt: skip
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # stepped once per optimizer step on every rank (a prepared scheduler steps num_processes times)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    flow = RectifiedFlow(cfg.flow.logit_mean, cfg.flow.logit_std, cfg.flow.shift, cfg.flow.l1_weight,
+                         cfg.flow.context_dropout)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+
+    def make_pipeline() -> LaVinDiTPipeline:
+        pipe = LaVinDiTPipeline(accelerator.unwrap_model(model), vae, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    ckpt = CheckpointManager(accelerator, out / "checkpoints", total_limit=cfg.checkpoint.total_limit)
+    guard = NonFiniteGuard(accelerator)
+    if cfg.checkpoint.resume and (resumed := ckpt.resume()) is not None:
+        logger.info(f"resumed from {resumed} at step {ckpt.state.step}", main_process_only=True)
+
+    # 2. data: the step fixes the indices, so a resumed run replays the same order
+    tasks = cfg.data.tasks or [name for kind in cfg.data.kinds for name in list_tasks(kind)]
+    mixture = TaskMixture(tasks=tasks, num_pairs=tuple(cfg.data.num_pairs), size=cfg.data.size,
+                          length=max(1, cfg.schedule.max_steps * cfg.schedule.batch_size), seed=cfg.data.seed,
+                          num_frames=cfg.data.video_frames)  # fmt: skip
+    local_batch = cfg.schedule.batch_size // world
+    sampler = StepSliceSampler(ckpt.state.step, cfg.schedule.max_steps, cfg.schedule.batch_size, rank, world)
+    loader = DataLoader(mixture, batch_size=local_batch, sampler=sampler, collate_fn=collate_episodes,
+                        num_workers=cfg.data.num_workers, persistent_workers=False)  # fmt: skip
+    eval_episodes = evaluation_episodes(cfg, tasks)
+
+    def sample_and_log(step: int) -> None:
+        if accelerator.is_main_process and eval_episodes:
+            model.eval()
+            scores, predictions = evaluate_in_context(
+                make_pipeline(), eval_episodes, num_inference_steps=cfg.sampling.num_inference_steps,
+                guidance_scale=cfg.sampling.guidance_scale, seed=cfg.seed, return_predictions=True,
+            )  # fmt: skip
+            model.train()
+            rows = [episode_grid_row(ep, pred) for ep, pred in zip(eval_episodes, predictions)]
+            log_image_grid(accelerator, "in_context", rows, step, out)
+            metrics = {}
+            for task, s in scores.items():
+                metrics.update({f"eval/{task}/psnr": s.psnr, f"eval/{task}/psnr_copy": s.psnr_copy})
+                if s.iou is not None:
+                    metrics.update({f"eval/{task}/iou": s.iou, f"eval/{task}/iou_copy": s.iou_copy})
+            metrics["eval/tasks_beating_copy"] = sum(s.beats_copy for s in scores.values())
+            accelerator.log(metrics, step=step)
+            report = {task: vars(s) | {"beats_copy": s.beats_copy} for task, s in scores.items()}
+            (out / "eval.json").write_text(json.dumps({"step": step, "tasks": report}, indent=1))
+            logger.info(f"step {step}: {metrics['eval/tasks_beating_copy']}/{len(scores)} tasks beat copy-the-input",
+                        main_process_only=True)  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    def export(folder: Path) -> None:
+        make_pipeline().save_pretrained(folder / "pipeline")
+
+    # 3. the loop
+    model.train()
+    patch_area = accelerator.unwrap_model(model).config.patch_size ** 2
+    bar = progress_bar(accelerator, cfg.schedule.max_steps, ckpt.state.step)
+    timer, tokens = time.perf_counter(), 0
+    for episodes in loader:
+        step = ckpt.state.step
+        ids = sampler.offset + step * cfg.schedule.batch_size + torch.arange(local_batch)
+        latents = encode_episodes(vae, episodes, sample_posterior=cfg.vae.sample_posterior)
+        targets = [z.to(accelerator.device) for z in latents.targets]
+        contexts = [z.to(accelerator.device) for z in latents.contexts]
+        with accelerator.autocast():
+            result = flow.training_loss(model, targets, contexts, generator=sample_generators(cfg.seed, ids),
+                                        query_frames=latents.query_frames)  # fmt: skip
+        accelerator.backward(result.loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if guard.check(result.loss, grad_norm, step=step):
+            optimizer.step()
+        else:
+            ckpt.state.skipped_steps += 1
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ckpt.state.step += 1
+        ckpt.state.samples_seen += cfg.schedule.batch_size
+        tokens += sum(z[0].numel() for z in targets + contexts) // patch_area  # (t*h*w) / p^2 per clip
+        bar.update(1)
+
+        step = ckpt.state.step
+        if step % cfg.logging.every_steps == 0 or step == cfg.schedule.max_steps:
+            loss = accelerator.gather(result.per_sample.detach()).mean().item()
+            elapsed = time.perf_counter() - timer
+            logs = {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_s": tokens * world / max(elapsed, 1e-9)}  # fmt: skip
+            accelerator.log(logs, step=step)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if accelerator.is_main_process:
+                with open(out / "train_log.jsonl", "a") as handle:
+                    handle.write(json.dumps({"step": step, **logs}) + "\n")
+            timer, tokens = time.perf_counter(), 0
+        if cfg.sampling.every_steps and step % cfg.sampling.every_steps == 0 and step < cfg.schedule.max_steps:
+            sample_and_log(step)
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.schedule.max_steps:
+            ckpt.save(extra_marker={"config": config_to_dict(cfg)}, export_fn=export)
+    bar.close()
+
+    # 4. final samples and the exported pipeline
+    sample_and_log(ckpt.state.step)
+    if accelerator.is_main_process:
+        export(out)
+        logger.info(f"exported {out / 'pipeline'}", main_process_only=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
