@@ -8,4 +8,11 @@ $PY -m venv .venv
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_PROGRESS_BARS=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# --- serve/ browser test (tests/serve/test_e2e_browser.py): Debian's Chromium, driven by Playwright's Python API.
+# Installed only when missing; never `playwright install` (it downloads a browser build, which cannot be fetched here).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+# --- end serve/ block
 .venv/bin/python -m pytest -m "not gpu" "$@"

@@ -154,7 +154,12 @@ def build_demo(config: ServeConfig):
                             gr.Examples(upload_examples, inputs=[context_files, query_file], label="Example uploads")
                 with gr.Row():
                     output = gr.Image(
-                        label="Prediction", type="pil", format="png", elem_id="lavin-output", interactive=False
+                        label="Prediction",
+                        type="pil",
+                        format="png",
+                        elem_id="lavin-output",
+                        interactive=False,
+                        height=320,
                     )
                     gallery = gr.Gallery(label="Context, query, prediction", columns=4, elem_id="lavin-gallery")
                 info = gr.Markdown(elem_id="lavin-info")

@@ -5,8 +5,6 @@ Every refusal is checked by its message: the demo shows these messages to people
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from upload_files import huge_png
 
 from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
 from genvis.pipelines import LaVinDiTPipeline
@@ -23,19 +22,6 @@ from serve.validation import InputError, UploadLimits, check_int, check_number, 
 
 SIZE = 32
 LIMITS = UploadLimits(max_bytes=64 * 1024, max_pixels=512 * 512, max_side=1024)
-
-
-def huge_png(path: Path, width: int, height: int) -> Path:
-    """A valid PNG header claiming ``width x height`` with a tiny payload: a pixel bomb that costs nothing to make."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 def save_image(path: Path, size=(40, 30), color=(200, 30, 30), fmt=None) -> Path:
