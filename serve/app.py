@@ -26,8 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no analytics / version-check traffic
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from serve.handlers import MAX_PAIRS, MAX_STEPS, run_builtin_task, run_text_to_video, run_uploaded_task
-from serve.loading import CheckpointLoadError, ModelSlot, load_slot
+from serve.handlers import (
+    MAX_NEW_TOKENS,
+    MAX_PAIRS,
+    MAX_STEPS,
+    run_builtin_task,
+    run_chat,
+    run_encoder_inspection,
+    run_text_to_video,
+    run_uploaded_task,
+)
+from serve.loading import CheckpointLoadError, ModelSlot, load_encoder, load_slot
 from serve.validation import InputError, UploadLimits
 
 logger = logging.getLogger("genvis.serve")
@@ -47,6 +56,9 @@ class ServeConfig:
     Args:
         lavin: LaVin-DiT pipeline slot.
         mvdit: MVDiT pipeline slot.
+        mllm: MLLM (vision tower + LM) slot.
+        encoders: ``(label, VisionTransformerModel)`` shown by the encoder tab.
+        encoder_message: where the encoders came from (or why some did not load).
         cache_dir: private folder for Gradio's uploads and our outputs (the only upload root).
         size: LaVin-DiT working resolution (square).
         steps: default sampling steps.
@@ -56,6 +68,9 @@ class ServeConfig:
 
     lavin: ModelSlot
     mvdit: ModelSlot
+    mllm: ModelSlot
+    encoders: list[tuple[str, Any]]
+    encoder_message: str
     cache_dir: Path
     size: int = 64
     steps: int = 10
@@ -71,10 +86,14 @@ class ServeConfig:
         return self.cache_dir / "examples"
 
 
-def _guarded(action: Callable[[], Any], gr) -> Any:
-    """Run one request; refused input / missing model / unexpected failure become a UI message, never a trace."""
+def _serve(gr, slot: ModelSlot | None, handler: Callable[..., Any], *args: Any) -> Any:
+    """Run ``handler(model, *args)`` (or ``handler(*args)`` without a slot) for one request.
+
+    Refused input and a missing model become the UI message (and a log line); any other failure is logged with its
+    traceback and shown as a short "internal error" message, so one bad request never stops the server.
+    """
     try:
-        return action()
+        return handler(slot.require(), *args) if slot is not None else handler(*args)
     except (InputError, CheckpointLoadError) as err:
         logger.warning(f"request refused: {err}")
         raise gr.Error(str(err), print_exception=False) from None
@@ -165,23 +184,24 @@ def build_demo(config: ServeConfig):
                 info = gr.Markdown(elem_id="lavin-info")
 
             def on_builtin(task_name, num_pairs, steps_value, guidance_value, seed_value, progress=track_progress):
-                def action():
-                    pipe = config.lavin.require()
-                    return run_builtin_task(
-                        pipe, task_name, num_pairs, seed_value, steps_value, guidance_value, config.size
-                    )
-
-                result = _guarded(action, gr)
+                result = _serve(
+                    gr,
+                    config.lavin,
+                    run_builtin_task,
+                    task_name,
+                    num_pairs,
+                    seed_value,
+                    steps_value,
+                    guidance_value,
+                    config.size,
+                )
                 return result.prediction, result.gallery, result.message
 
             def on_upload(files, query, steps_value, guidance_value, seed_value, progress=track_progress):
-                def action():
-                    pipe = config.lavin.require()
-                    return run_uploaded_task(
-                        pipe, files, query, steps_value, guidance_value, seed_value, config.size, config.limits, roots
-                    )
-
-                result = _guarded(action, gr)
+                result = _serve(
+                    gr, config.lavin, run_uploaded_task, files, query, steps_value, guidance_value, seed_value,
+                    config.size, config.limits, roots,
+                )  # fmt: skip
                 return result.prediction, result.gallery, result.message
 
             run_builtin.click(
@@ -218,13 +238,10 @@ def build_demo(config: ServeConfig):
                 video_info = gr.Markdown(elem_id="mvdit-info")
 
             def on_video(text, num_frames, steps_value, guidance_value, seed_value, progress=track_progress):
-                def action():
-                    pipe = config.mvdit.require()
-                    return run_text_to_video(
-                        pipe, text, num_frames, steps_value, guidance_value, seed_value, config.output_dir
-                    )
-
-                result = _guarded(action, gr)
+                result = _serve(
+                    gr, config.mvdit, run_text_to_video, text, num_frames, steps_value, guidance_value, seed_value,
+                    config.output_dir,
+                )  # fmt: skip
                 return str(result.video_path), result.preview, result.message
 
             run_video.click(
@@ -233,16 +250,110 @@ def build_demo(config: ServeConfig):
                 [video, preview, video_info],
                 api_name="mvdit_generate",
             )
+
+            # ---------------------------------------------------------------------------------------------------
+            with gr.Tab("Encoder inspection", id="encoders"):
+                gr.Markdown(config.encoder_message, elem_id="encoder-status")
+                with gr.Row():
+                    encoder_image = gr.File(label="Image", elem_id="encoder-image")
+                    encoder_size = gr.Slider(
+                        32, 512, value=224, step=32, label="Input size (px)", elem_id="encoder-size"
+                    )
+                run_encoders = gr.Button("Inspect", variant="primary", elem_id="encoder-run")
+                if upload_examples:
+                    gr.Examples([[upload_examples[0][1], 128]], inputs=[encoder_image, encoder_size], label="Example")
+                encoder_gallery = gr.Gallery(
+                    label="Feature PCA and patch-norm maps", columns=4, elem_id="encoder-gallery"
+                )
+                encoder_info = gr.Markdown(elem_id="encoder-info")
+
+            def on_encoders(image_file, size_value, progress=track_progress):
+                return _serve(
+                    gr, None, run_encoder_inspection, config.encoders, image_file, size_value, config.limits, roots
+                )
+
+            run_encoders.click(
+                on_encoders, [encoder_image, encoder_size], [encoder_gallery, encoder_info], api_name="encoder_inspect"
+            )
+
+            # ---------------------------------------------------------------------------------------------------
+            with gr.Tab("MLLM chat", id="mllm"):
+                gr.Markdown(config.mllm.message, elem_id="mllm-status")
+                with gr.Row():
+                    chat_image = gr.File(label="Image", elem_id="mllm-image")
+                    with gr.Column():
+                        question = gr.Textbox(label="Question", max_length=300, elem_id="mllm-question")
+                        answer_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=16, step=1, label="Answer tokens")
+                        ask = gr.Button("Ask", variant="primary", elem_id="mllm-run")
+                chat = gr.Chatbot(label="Conversation", elem_id="mllm-chat")
+                if upload_examples:
+                    gr.Examples(
+                        [
+                            [upload_examples[0][1], "What colour is the shape?"],
+                            [upload_examples[0][1], "How many shapes?"],
+                        ],
+                        inputs=[chat_image, question],
+                        label="Examples (the questions the tiny preset trains on)",
+                    )
+
+            def on_ask(image_file, text, tokens, history, progress=track_progress):
+                image_size = config.mllm.config_value("data", "image_size") or 32  # train/mllm.py's default resolution
+                answer = _serve(gr, config.mllm, run_chat, image_file, text, config.limits, roots, tokens, image_size)
+                return [*(history or []), {"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
+            ask.click(on_ask, [chat_image, question, answer_tokens, chat], [chat], api_name="mllm_chat")
     return demo
+
+
+def _encoders(paths: list[str], mllm: ModelSlot, device: str) -> tuple[list[tuple[str, Any]], str]:
+    """Encoders for the inspection tab: ``--encoder-checkpoint`` folders, the MLLM's vision encoder, else two
+    random-init tiny encoders (without / with registers) so the tab still shows what it does."""
+    encoders, notes = [], []
+    for path in paths:
+        try:
+            encoders.append(load_encoder(path, device))
+        except CheckpointLoadError as err:
+            logger.error(str(err))
+            notes.append(str(err))
+    if mllm.ready:
+        encoders.append((f"MLLM vision encoder ({mllm.folder})", mllm.pipeline.vision_tower.encoder))
+    if not encoders:
+        from genvis.encoders import VISION_TRANSFORMER_PRESETS, VisionTransformerModel
+
+        for registers in (0, 4):
+            torch_seeded = VisionTransformerModel(
+                **{**VISION_TRANSFORMER_PRESETS["tiny"], "num_register_tokens": registers}
+            )
+            encoders.append((f"random-init tiny, {registers} registers", torch_seeded.eval()))
+        notes.append(
+            "No encoder checkpoint given: showing random-init tiny encoders (maps show positional structure only). "
+            "Pass `--encoder-checkpoint FOLDER` (a VisionTransformerModel save_pretrained folder, e.g. from "
+            "`accelerate launch train/ph_reg.py`; repeat the flag to compare without / with registers) or "
+            "`--mllm-checkpoint runs/mllm`."
+        )
+    header = "Encoders: " + ", ".join(f"**{label}**" for label, _ in encoders)
+    return encoders, "\n\n".join([header, *notes])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="LaVin-DiT run folder, checkpoint-XXXXXXXX folder or exported pipeline")
     parser.add_argument("--mvdit-checkpoint", help="MVDiT run folder, checkpoint folder or exported pipeline")
+    parser.add_argument("--mllm-checkpoint", help="MLLM run folder, checkpoint folder or exported model folder")
+    parser.add_argument(
+        "--encoder-checkpoint",
+        action="append",
+        default=[],
+        help="VisionTransformerModel save_pretrained folder for the encoder tab (repeat to compare, e.g. without "
+        "and with registers)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--size", type=int, default=64, help="LaVin-DiT working resolution in pixels (square)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        help="LaVin-DiT working resolution (square; default: the checkpoint's training size, else 64)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="default sampling steps shown in the UI")
     parser.add_argument("--max-file-mb", type=int, default=20, help="largest upload in MiB")
     parser.add_argument("--max-megapixels", type=float, default=16.7, help="largest upload in megapixels")
@@ -252,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 1 <= args.steps <= MAX_STEPS:
         parser.error(f"--steps: expected 1..{MAX_STEPS}, got {args.steps}")
-    if args.size < 16 or args.size % 8:
+    if args.size is not None and (args.size < 16 or args.size % 8):
         parser.error(f"--size: expected a multiple of 8 >= 16, got {args.size}")
     return args
 
@@ -264,12 +375,19 @@ def main(argv: list[str] | None = None) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)  # uploads land here and nowhere else
     limits = UploadLimits(max_bytes=args.max_file_mb * 2**20, max_pixels=int(args.max_megapixels * 1e6))
-    blocked = [str(Path(p).resolve()) for p in (args.checkpoint, args.mvdit_checkpoint) if p]
+    checkpoints = (args.checkpoint, args.mvdit_checkpoint, args.mllm_checkpoint, *args.encoder_checkpoint)
+    blocked = [str(Path(p).resolve()) for p in checkpoints if p]
+    lavin = load_slot(args.checkpoint, "lavin_dit", device=args.device)
+    mllm = load_slot(args.mllm_checkpoint, "mllm", device=args.device)
+    encoders, encoder_message = _encoders(args.encoder_checkpoint, mllm, args.device)
     config = ServeConfig(
-        lavin=load_slot(args.checkpoint, "lavin_dit", device=args.device),
+        lavin=lavin,
         mvdit=load_slot(args.mvdit_checkpoint, "mvdit", device=args.device),
+        mllm=mllm,
+        encoders=encoders,
+        encoder_message=encoder_message,
         cache_dir=cache_dir,
-        size=args.size,
+        size=args.size or lavin.config_value("data", "size") or 64,
         steps=args.steps,
         limits=limits,
         blocked=blocked,

@@ -28,6 +28,7 @@ from serve.validation import (
 )
 
 __all__ = [
+    "MAX_NEW_TOKENS",
     "MAX_PAIRS",
     "MAX_STEPS",
     "InContextResult",
@@ -35,7 +36,10 @@ __all__ = [
     "builtin_episode",
     "filmstrip",
     "fit_square",
+    "inspect_encoder",
     "run_builtin_task",
+    "run_chat",
+    "run_encoder_inspection",
     "run_in_context",
     "run_text_to_video",
     "run_uploaded_task",
@@ -275,3 +279,117 @@ def run_text_to_video(
     frames = [PIL.Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype(np.uint8)) for frame in video]
     message = f"{len(frames)} frames at {video.shape[2]}x{video.shape[1]}, {steps} steps, {seconds:.1f} s"
     return TextToVideoResult(path, filmstrip(frames), message)
+
+
+MAX_QUESTION_CHARS = 300
+MAX_NEW_TOKENS = 64
+
+
+def run_chat(
+    model,
+    image_file,
+    question: str | None,
+    limits: UploadLimits,
+    roots: Iterable[str | os.PathLike],
+    max_new_tokens: float = 16,
+    image_size: int | None = None,
+) -> str:
+    """Ask a loaded ``VisionLanguageModel`` about an uploaded image -> its greedy answer.
+
+    Args:
+        model: the MLLM (vision tower + causal LM).
+        image_file: the uploaded image.
+        question: the question; an ``<image>`` marker is put in front unless the text has one.
+        limits: upload limits.
+        roots: folders uploads may come from.
+        max_new_tokens: answer length cap, 1..:data:`MAX_NEW_TOKENS`.
+        image_size: square side the image is fitted to (the training resolution); None keeps the upload's size.
+    """
+    from genvis.models.vision_tower import VisionLanguageProcessor
+
+    if image_file is None:
+        raise InputError("image: expected an uploaded image, got nothing")
+    question = check_text(question, "question", MAX_QUESTION_CHARS)
+    max_new_tokens = check_int(max_new_tokens, "answer tokens", 1, MAX_NEW_TOKENS)
+    image = load_image(_path_of(image_file), "image", limits, roots)
+    if image_size is not None:
+        image = fit_square(image, image_size)
+    processor = VisionLanguageProcessor.from_model(model)
+    prompt = question if processor.image_marker in question else processor.image_marker + question + " "
+    if prompt.count(processor.image_marker) != 1:
+        raise InputError(
+            f"question: expected at most one {processor.image_marker} marker, got {prompt.count(processor.image_marker)}"
+        )
+    array = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
+    try:
+        batch = processor([prompt], images=[array])
+    except ValueError as err:
+        raise InputError(f"the MLLM processor refused the image: {err}") from None
+    new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    answer = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+    return answer or "(the model answered with an empty string)"
+
+
+def inspect_encoder(encoder, image: PIL.Image.Image, size: int) -> tuple[PIL.Image.Image, PIL.Image.Image, str]:
+    """Patch-feature PCA (first 3 components as RGB) and patch-norm map of one encoder on one image.
+
+    High-norm patch tokens are the artifacts that registers remove (Darcet et al., arXiv 2309.16588), so the norm
+    map of an encoder with registers should be flat where the one without shows isolated bright patches.
+
+    Args:
+        encoder: a ``genvis.encoders.VisionTransformerModel``.
+        image: RGB image, fitted to ``size x size``.
+        size: input side in pixels (a multiple of the encoder's patch size).
+    Returns:
+        ``(pca image, norm image, summary)``, both images upsampled to ``size`` with nearest-neighbour.
+    """
+    patch = int(encoder.config.patch_size)
+    merge = int(getattr(encoder.config, "spatial_merge_size", 1) or 1)
+    if size % (patch * merge):
+        raise InputError(f"size: expected a multiple of {patch * merge} (patch x merge), got {size}")
+    pixels = torch.from_numpy(np.asarray(fit_square(image, size), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    with torch.no_grad():
+        output = encoder.forward_features(pixels[None].to(encoder.device, encoder.dtype), intermediate_layers=1)
+    # the last block's patch tokens before the final norm: a LayerNorm would equalise every token's norm
+    raster = encoder.patch_grids(output, output.intermediates[-1])[0][
+        0
+    ].float()  # (t, h, w, D) of the one item -> first frame (h, w, D)
+    grid_h, grid_w = raster.shape[:2]
+    features = raster.reshape(grid_h * grid_w, -1)  # (h*w, D)
+    centred = features - features.mean(0, keepdim=True)
+    _, _, basis = torch.linalg.svd(centred, full_matrices=False)
+    components = centred @ basis[:3].T  # (h*w, 3)
+    low, high = components.min(0).values, components.max(0).values
+    rgb = ((components - low) / (high - low).clamp_min(1e-6)).reshape(grid_h, grid_w, 3)
+    norms = features.norm(dim=-1).reshape(grid_h, grid_w)
+    unit = (norms - norms.min()) / (norms.max() - norms.min()).clamp_min(1e-6)
+
+    def upsample(array: np.ndarray) -> PIL.Image.Image:
+        return PIL.Image.fromarray((array * 255).round().astype(np.uint8)).resize(
+            (size, size), PIL.Image.Resampling.NEAREST
+        )
+
+    registers = int(getattr(encoder.config, "num_register_tokens", 0) or 0)
+    ratio = float(norms.max() / norms.median().clamp_min(1e-6))
+    summary = f"{registers} register(s), {grid_h}x{grid_w} patches, max/median patch norm {ratio:.2f}"
+    return upsample(rgb.numpy()), upsample(unit.numpy()), summary
+
+
+def run_encoder_inspection(
+    encoders: Sequence[tuple[str, object]],
+    image_file,
+    size: float,
+    limits: UploadLimits,
+    roots: Iterable[str | os.PathLike],
+) -> tuple[list[tuple[PIL.Image.Image, str]], str]:
+    """:func:`inspect_encoder` for every ``(label, encoder)`` on one uploaded image -> (gallery items, summary)."""
+    if image_file is None:
+        raise InputError("image: expected an uploaded image, got nothing")
+    size = check_int(size, "input size", 32, 512)
+    image = load_image(_path_of(image_file), "image", limits, roots)
+    items, lines = [], []
+    for label, encoder in encoders:
+        pca, norms, summary = inspect_encoder(encoder, image, size)
+        items += [(pca, f"{label}: PCA"), (norms, f"{label}: patch norms")]
+        lines.append(f"- **{label}**: {summary}")
+    return items, "\n".join(lines)

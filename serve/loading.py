@@ -2,7 +2,8 @@
 
 A ``--checkpoint`` path may be any of:
 
-1. an exported pipeline: a ``save_pretrained`` folder with ``model_index.json``;
+1. an exported folder: a pipeline ``save_pretrained`` folder with ``model_index.json`` (LaVin-DiT, MVDiT) or a
+   ``VisionLanguageModel.save_pretrained`` folder with ``vision_language_config.json`` (MLLM);
 2. one accelerate checkpoint ``.../checkpoints/checkpoint-XXXXXXXX/``: it must be complete (``COMPLETE.json`` verifies,
    :func:`genvis.training.verify_checkpoint`) and hold the pipeline its training script exported into it
    (``<checkpoint>/<name>/model_index.json``; an ``ema`` export is preferred, since EMA weights sample better);
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointLoadError",
     "FamilyInfo",
     "ModelSlot",
+    "load_encoder",
     "load_family",
     "load_slot",
     "resolve_pipeline_dir",
@@ -56,8 +58,10 @@ class FamilyInfo:
         key: short name (``lavin_dit``), also the ``runs/<key>`` folder and ``train/<key>.py`` script.
         title: display name.
         module: module holding the pipeline class.
-        class_name: the pipeline class (``model_index.json``'s ``_class_name`` must match it).
+        class_name: the pipeline / model class (a ``model_index.json``'s ``_class_name`` must match it).
         train_command: the command that makes a checkpoint.
+        index_file: the file that marks an exported folder of this family.
+        export_name: the export's folder name inside a checkpoint or run folder (in messages).
     """
 
     key: str
@@ -65,11 +69,13 @@ class FamilyInfo:
     module: str
     class_name: str
     train_command: str
+    index_file: str = "model_index.json"
+    export_name: str = "pipeline"
 
     def how_to_make(self) -> str:
         return (
             f"Make one with `{self.train_command}` (it writes `runs/{self.key}/checkpoints/checkpoint-*/` with an "
-            f"exported pipeline), then start the demo with `--{self.flag} runs/{self.key}`."
+            f"exported `{self.export_name}/`), then start the demo with `--{self.flag} runs/{self.key}`."
         )
 
     @property
@@ -84,6 +90,15 @@ FAMILIES: dict[str, FamilyInfo] = {
         "genvis.pipelines.pipeline_lavin_dit",
         "LaVinDiTPipeline",
         "accelerate launch train/lavin_dit.py --config train/configs/lavin_dit/tiny.yaml",
+    ),
+    "mllm": FamilyInfo(
+        "mllm",
+        "MLLM",
+        "genvis.models.vision_tower",
+        "VisionLanguageModel",
+        "accelerate launch train/mllm.py --config train/configs/mllm/tiny.yaml",
+        index_file="vision_language_config.json",
+        export_name="model",
     ),
     "mvdit": FamilyInfo(
         "mvdit",
@@ -103,9 +118,10 @@ def _family(family: str | FamilyInfo) -> FamilyInfo:
     return FAMILIES[family]
 
 
-def _exports_in(folder: Path) -> list[Path]:
-    """Pipeline folders directly in ``folder`` or one / two levels below, EMA exports first."""
-    found = [index.parent for pattern in ("*/" + MODEL_INDEX, "*/*/" + MODEL_INDEX) for index in folder.glob(pattern)]
+def _exports_in(folder: Path, info: FamilyInfo) -> list[Path]:
+    """Exported folders one or two levels below ``folder``, EMA exports first."""
+    patterns = ("*/" + info.index_file, "*/*/" + info.index_file)
+    found = [index.parent for pattern in patterns for index in folder.glob(pattern)]
     return sorted(found, key=lambda path: ("ema" not in path.relative_to(folder).as_posix().lower(), str(path)))
 
 
@@ -116,10 +132,10 @@ def _checkpoint_export(checkpoint: Path, info: FamilyInfo) -> Path:
         verify_checkpoint(checkpoint)
     except CheckpointError as err:
         raise CheckpointLoadError(f"{info.title}: checkpoint {checkpoint} is incomplete or corrupt: {err}") from None
-    exports = _exports_in(checkpoint)
+    exports = _exports_in(checkpoint, info)
     if not exports:
         raise CheckpointLoadError(
-            f"{info.title}: checkpoint {checkpoint} is complete but holds no exported pipeline (no */{MODEL_INDEX}); "
+            f"{info.title}: checkpoint {checkpoint} is complete but holds no export (no */{info.index_file}); "
             f"it was not written by `train/{info.key}.py`. {info.how_to_make()}"
         )
     return exports[0]
@@ -129,7 +145,7 @@ def _newest_exported_checkpoint(checkpoints: Path, info: FamilyInfo) -> Path | N
     """Export of the newest checkpoint that verifies and holds one; broken ones are logged and skipped."""
     steps = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
     for _, checkpoint in sorted(steps, reverse=True):
-        if not _exports_in(checkpoint):
+        if not _exports_in(checkpoint, info):
             continue  # e.g. a save whose export hook was off; nothing to serve there
         try:
             return _checkpoint_export(checkpoint, info)
@@ -147,9 +163,9 @@ def resolve_pipeline_dir(path: str | os.PathLike, family: str | FamilyInfo) -> P
     if not folder.is_dir():
         raise CheckpointLoadError(
             f"{info.title}: {folder} is a file; expected a run folder, a checkpoint-XXXXXXXX folder or an exported "
-            f"pipeline folder (with {MODEL_INDEX})"
+            f"folder (with {info.index_file})"
         )
-    if (folder / MODEL_INDEX).is_file():
+    if (folder / info.index_file).is_file():
         return folder
     if (folder / MARKER).exists() or folder.name.startswith("checkpoint-"):
         return _checkpoint_export(folder, info)
@@ -158,17 +174,17 @@ def resolve_pipeline_dir(path: str | os.PathLike, family: str | FamilyInfo) -> P
         found = _newest_exported_checkpoint(checkpoints, info)
         if found is not None:
             return found
-    exports = [path for path in _exports_in(folder) if "checkpoint-" not in path.as_posix()]
+    exports = [path for path in _exports_in(folder, info) if "checkpoint-" not in path.as_posix()]
     if exports:
         return exports[0]
     if checkpoints.is_dir():
         raise CheckpointLoadError(
-            f"{info.title}: {checkpoints} holds no complete checkpoint with an exported pipeline "
+            f"{info.title}: {checkpoints} holds no complete checkpoint with an export "
             f"(a run killed before its first save, or every checkpoint failed verification). {info.how_to_make()}"
         )
     raise CheckpointLoadError(
         f"{info.title}: {folder} is not a run folder (no checkpoints/), a checkpoint or an exported pipeline "
-        f"(no {MODEL_INDEX}). {info.how_to_make()}"
+        f"(no {info.index_file}). {info.how_to_make()}"
     )
 
 
@@ -184,11 +200,11 @@ def load_family(
     info = _family(family)
     folder = resolve_pipeline_dir(path, info)
     try:
-        index = json.loads((folder / MODEL_INDEX).read_text())
+        index = json.loads((folder / info.index_file).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointLoadError(f"{info.title}: {folder / MODEL_INDEX} is unreadable ({err})") from None
+        raise CheckpointLoadError(f"{info.title}: {folder / info.index_file} is unreadable ({err})") from None
     found = index.get("_class_name") if isinstance(index, dict) else None
-    if found != info.class_name:
+    if info.index_file == MODEL_INDEX and found != info.class_name:
         raise CheckpointLoadError(
             f"{info.title}: {folder} holds a {found or 'pipeline of unknown class'}, expected a {info.class_name}; "
             f"pass it to the matching tab's flag instead"
@@ -200,14 +216,30 @@ def load_family(
             f"{info.title}: this genvis installation has no {info.module}.{info.class_name} ({err})"
         ) from None
     try:
-        pipeline = pipeline_class.from_pretrained(folder, dtype=dtype)
+        if info.index_file == MODEL_INDEX:
+            pipeline = pipeline_class.from_pretrained(folder, dtype=dtype)
+        else:
+            pipeline = pipeline_class.from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointLoadError(
             f"{info.title}: {folder} could not be loaded as a {info.class_name} (incompatible or damaged: "
             f"{type(err).__name__}: {message[:300]})"
         ) from None
-    return pipeline.to(device), folder
+    pipeline = pipeline.to(device)
+    if isinstance(pipeline, torch.nn.Module):
+        pipeline.eval()
+    return pipeline, folder
+
+
+def training_config(folder: Path) -> dict | None:
+    """The resolved training config stored in the marker of the checkpoint ``folder`` was exported into, if any."""
+    marker = folder.parent / MARKER
+    try:
+        config = json.loads(marker.read_text()).get("config") if marker.is_file() else None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 @dataclass
@@ -219,12 +251,21 @@ class ModelSlot:
         pipeline: the loaded pipeline, or None.
         folder: the folder it was loaded from.
         message: what the tab shows (where the model came from, or why there is none and how to make one).
+        train_config: the training run's resolved config when the folder came from a checkpoint (e.g. its resolution).
     """
 
     family: FamilyInfo
     pipeline: Any = None
     folder: Path | None = None
     message: str = ""
+    train_config: dict | None = None
+
+    def config_value(self, *keys: str) -> Any:
+        """``train_config[k1][k2]...`` or None."""
+        value: Any = self.train_config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
 
     @property
     def ready(self) -> bool:
@@ -252,4 +293,36 @@ def load_slot(path: str | os.PathLike | None, family: str | FamilyInfo, device: 
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(desc=f"{info.title} sampling")
     logger.info(f"{info.title}: loaded {folder}")
-    return ModelSlot(info, pipeline=pipeline, folder=folder, message=f"{info.title}: loaded `{folder}`")
+    return ModelSlot(
+        info,
+        pipeline=pipeline,
+        folder=folder,
+        message=f"{info.title}: loaded `{folder}`",
+        train_config=training_config(folder),
+    )
+
+
+def load_encoder(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, str]:
+    """A ``genvis.encoders.VisionTransformerModel`` ``save_pretrained`` folder -> ``(encoder, label)``.
+
+    Raises:
+        CheckpointLoadError: the folder is missing or is not a VisionTransformerModel export.
+    """
+    from genvis.encoders import VisionTransformerModel
+
+    folder = Path(path).expanduser()
+    config_path = folder / "config.json"
+    try:
+        class_name = json.loads(config_path.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointLoadError(
+            f"encoder: {folder} is not a VisionTransformerModel save_pretrained folder ({config_path}: {err})"
+        ) from None
+    if class_name != "VisionTransformerModel":
+        raise CheckpointLoadError(f"encoder: {folder} holds a {class_name}, expected a VisionTransformerModel")
+    try:
+        encoder = VisionTransformerModel.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointLoadError(f"encoder: {folder} could not be loaded ({type(err).__name__}: {err})") from None
+    registers = encoder.config.num_register_tokens
+    return encoder.to(device).eval(), f"{folder.name} ({registers} registers)"

@@ -16,8 +16,15 @@ from upload_files import huge_png
 
 from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
 from genvis.pipelines import LaVinDiTPipeline
-from serve.handlers import fit_square, run_builtin_task, run_text_to_video, run_uploaded_task
-from serve.loading import CheckpointLoadError, load_family, load_slot, resolve_pipeline_dir
+from serve.handlers import (
+    fit_square,
+    run_builtin_task,
+    run_chat,
+    run_encoder_inspection,
+    run_text_to_video,
+    run_uploaded_task,
+)
+from serve.loading import CheckpointLoadError, load_encoder, load_family, load_slot, resolve_pipeline_dir
 from serve.validation import InputError, UploadLimits, check_int, check_number, check_text, load_image, pair_up
 
 SIZE = 32
@@ -208,7 +215,7 @@ def test_run_folder_resolves_to_newest_complete_checkpoint(tmp_path, lavin_dir):
     manager.state.step = 6
     bare = manager.save()
     with pytest.raises(
-        CheckpointLoadError, match=r"holds no exported pipeline.*accelerate launch train/lavin_dit\.py"
+        CheckpointLoadError, match=r"holds no export \(no \*/model_index.json\).*accelerate launch train/lavin_dit\.py"
     ):
         resolve_pipeline_dir(bare, "lavin_dit")
     loaded = load_slot(run, "lavin_dit")
@@ -321,3 +328,46 @@ def test_text_to_video(mvdit, tmp_path):
         run_text_to_video(mvdit, "", 3, 2, 4.0, 0, tmp_path)
     with pytest.raises(InputError, match=r"frames: expected a whole number in \[1, 33\], got 0"):
         run_text_to_video(mvdit, "a cat", 0, 2, 4.0, 0, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# MLLM chat and encoder inspection
+
+
+def test_mllm_chat(tmp_path):
+    from genvis.models.vision_tower import VisionLanguageModel
+
+    torch.manual_seed(0)
+    VisionLanguageModel.from_configs().save_pretrained(tmp_path / "run" / "model")
+    slot = load_slot(tmp_path / "run", "mllm")
+    assert slot.ready, slot.message
+    image = save_image(tmp_path / "shape.png", size=(40, 40))
+    answer = run_chat(slot.pipeline, image, "What colour is the shape?", LIMITS, [tmp_path], 4, 32)
+    assert isinstance(answer, str) and answer
+    with pytest.raises(InputError, match="question: expected some text"):
+        run_chat(slot.pipeline, image, " ", LIMITS, [tmp_path])
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"image: 'zero.png' is empty \(0 bytes\)"):
+        run_chat(slot.pipeline, tmp_path / "zero.png", "How many shapes?", LIMITS, [tmp_path])
+    assert "accelerate launch train/mllm.py" in load_slot(None, "mllm").message
+
+
+def test_encoder_inspection(tmp_path):
+    from genvis.encoders import VISION_TRANSFORMER_PRESETS, VisionTransformerModel
+
+    encoder = VisionTransformerModel(**VISION_TRANSFORMER_PRESETS["tiny"])
+    encoder.save_pretrained(tmp_path / "encoder")
+    loaded, label = load_encoder(tmp_path / "encoder")
+    assert label == "encoder (2 registers)"
+    image = tmp_path / "scene.png"
+    array = np.zeros((48, 64, 3), dtype=np.uint8)
+    array[10:30, 20:50] = (255, 0, 0)
+    PIL.Image.fromarray(array).save(image)
+    items, summary = run_encoder_inspection([(label, loaded)], image, 64, LIMITS, [tmp_path])
+    assert [caption for _, caption in items] == [f"{label}: PCA", f"{label}: patch norms"]
+    assert items[0][0].size == (64, 64) and len(np.unique(np.asarray(items[0][0]).reshape(-1, 3), axis=0)) > 1
+    assert "2 register(s), 8x8 patches" in summary
+    with pytest.raises(CheckpointLoadError, match="is not a VisionTransformerModel save_pretrained folder"):
+        load_encoder(tmp_path / "missing")
+    with pytest.raises(InputError, match=r"input size: expected a whole number in \[32, 512\], got 7"):
+        run_encoder_inspection([(label, loaded)], image, 7, LIMITS, [tmp_path])
