@@ -5,7 +5,7 @@
 One SigLIP 2 NaFlex-shaped encoder (ViT-S width: 384 wide, 6 heads, MLP 1536, patch 16) with random weights is built in
 transformers (``Siglip2VisionModel``), saved, and imported into genvis. The batch holds 8 images of 128-384 px at their
 own aspect ratios. Measured side by side in the same process (fp32, forward only, best of ``--repeats`` after a
-warm-up):
+warm-up, round robin):
 
 - genvis packed: one sequence, block-diagonal attention through ``cu_seqlens`` (no padding tokens);
 - genvis padded: the same model on the batch padded to the longest image with a key mask;
@@ -29,14 +29,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 SIZES = [(128, 384), (384, 128), (256, 256), (384, 384), (128, 128), (192, 320), (320, 192), (256, 128)]
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def round_robin_best(functions: dict, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` seconds per function, timed in turns so background load hits all of them alike."""
+    for fn in functions.values():
+        fn()  # warm-up
+    best = dict.fromkeys(functions, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -96,11 +99,14 @@ def main() -> None:
         diff_padded = (ours.patch_tokens - padded.patch_tokens).abs().max().item()
         diff_reference = (ours.patch_tokens - ref_tokens).abs().max().item()
         diff_pooled = (ours.pooler_output - ref.pooler_output).abs().max().item()
-        timings = {
-            "genvis packed": best_time(run_packed, args.repeats),
-            "genvis padded": best_time(run_padded, args.repeats),
-            "transformers Siglip2VisionModel (padded NaFlex)": best_time(run_reference, args.repeats),
-        }
+        timings = round_robin_best(
+            {
+                "genvis packed": run_packed,
+                "genvis padded": run_padded,
+                "transformers Siglip2VisionModel (padded NaFlex)": run_reference,
+            },
+            args.repeats,
+        )
 
     real, slots = sum(lengths), len(images) * max_len
     print(
