@@ -104,6 +104,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # ~5 s idle, ~11 s on the shared 2-core machine
 def test_distilled_registers_remove_the_artifact_and_keep_other_features(one_thread):
     teacher, artifact_positions = _teacher_with_artifact()
     for param in teacher.parameters():
