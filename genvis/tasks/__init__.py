@@ -11,6 +11,7 @@ Public API (stable; ``train/lavin_dit.py`` and the LaVin pipeline use it):
 - ``TaskMixture``: map-style ``Dataset`` of episodes (``index -> episode`` deterministic), with ``collate_episodes``.
 - ``split="test"`` draws from held-out real images, held-out video frames and held-out procedural seeds
   (``genvis.tasks.sources``), disjoint from ``"train"``.
+- ``SourceDataset``: map-style raw clips of a source pool (no task), for VAE training / latent extraction.
 - Decoders for predicted label maps: ``decode_binary_map`` (segmentation, edges), ``decode_depth_order``.
 
 Image tasks: colorization, decolorization, edge_detection, denoising, deblurring, blurring, inpainting,
@@ -22,13 +23,14 @@ video_foreground_segmentation. Checked by ``tests/tasks/test_tasks.py``.
 from genvis.tasks.episodes import Episode, TaskMixture, collate_episodes, sample_episode
 from genvis.tasks.ops import decode_binary_map, decode_depth_order, to_uint8
 from genvis.tasks.registry import TASKS, InContextTask, get_task, list_tasks
-from genvis.tasks.sources import HELD_OUT_IMAGES, TaskSource, sample_source
+from genvis.tasks.sources import HELD_OUT_IMAGES, SourceDataset, TaskSource, sample_source
 
 __all__ = [
     "HELD_OUT_IMAGES",
     "TASKS",
     "Episode",
     "InContextTask",
+    "SourceDataset",
     "TaskMixture",
     "TaskSource",
     "collate_episodes",

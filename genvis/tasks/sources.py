@@ -22,12 +22,14 @@ Each ``TaskSource.source_id`` records where it came from (``image:astronaut``, `
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from genvis.data.builtin import builtin_images, builtin_videos, procedural_scene, procedural_video
 from genvis.tasks.ops import resize_frames, to_unit_range
@@ -227,3 +229,47 @@ def sample_source(kind: SourceKind, rng: np.random.Generator, num_frames: int, s
     if kind == "procedural_video":
         return sample_procedural_video(rng, num_frames, size, split)
     raise ValueError(f"kind: expected one of {SOURCE_KINDS}, got {kind!r}")
+
+
+class SourceDataset(Dataset):
+    """Map-style dataset of raw source clips (no task applied), e.g. to train the ST-VAE or pre-extract latents.
+
+    ``dataset[index]`` is ``(3, num_frames, size, size)`` float32 in ``[-1, 1]``, deterministic for ``(seed, index)``.
+
+    Args:
+        kind: pool (``image``, ``scene``, ``video`` or ``procedural_video``).
+        num_frames: frames per clip (1 for the image pools).
+        size: square frame side in pixels.
+        split: ``"train"`` or the held-out ``"test"``.
+        length: ``__len__``.
+        seed: dataset seed.
+    """
+
+    def __init__(
+        self,
+        kind: SourceKind,
+        num_frames: int = 1,
+        size: int = 64,
+        split: Split = "train",
+        length: int = 100_000,
+        seed: int = 0,
+    ) -> None:
+        if kind not in SOURCE_KINDS:
+            raise ValueError(f"kind: expected one of {SOURCE_KINDS}, got {kind!r}")
+        if kind in ("image", "scene") and num_frames != 1:
+            raise ValueError(f"num_frames: the {kind!r} pool has 1 frame, got {num_frames}")
+        if kind in ("video", "procedural_video") and num_frames < 2:
+            raise ValueError(f"num_frames: the {kind!r} pool needs >= 2 frames, got {num_frames}")
+        check_split(split)
+        if length < 1:
+            raise ValueError(f"length: expected >= 1, got {length}")
+        self.kind, self.num_frames, self.size, self.split, self.length, self.seed = (
+            kind, num_frames, size, split, length, seed,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, zlib.crc32(self.kind.encode()), int(index)]))
+        return sample_source(self.kind, rng, self.num_frames, self.size, self.split).pixels
