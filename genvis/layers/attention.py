@@ -140,8 +140,11 @@ def attention(
 
     # Per-segment SDPA: one (1, L_i) problem per sequence; no (T x T) mask is ever built.
     bounds = cu_seqlens.tolist()
-    if len(bounds) == 2:
-        return _sdpa_bshd(query[None], key[None], value[None], None, is_causal, scale, enable_gqa)[0]
+    lengths = {e - s for s, e in itertools.pairwise(bounds)}
+    if len(lengths) == 1:  # equal lengths (one image size, video frames): one batched call, no loop
+        n = len(bounds) - 1
+        batched = [t.unflatten(0, (n, -1)) for t in (query, key, value)]  # (N, L, H, D)
+        return _sdpa_bshd(*batched, None, is_causal, scale, enable_gqa).flatten(0, 1)
     outputs = [
         _sdpa_bshd(query[None, s:e], key[None, s:e], value[None, s:e], None, is_causal, scale, enable_gqa)[0]
         for s, e in itertools.pairwise(bounds)

@@ -30,6 +30,14 @@ def test_packed_attention_equals_per_sequence(num_kv_heads, is_causal):
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_equal_length_pack_takes_batched_path_and_matches():
+    seqs = [torch.randn(6, 4, 8) for _ in range(3)]
+    q, cu = pack_sequences(seqs)
+    out = attention(q, q, q, cu_seqlens=cu, is_causal=True)
+    expected = torch.cat([_reference(s, s, s, is_causal=True) for s in seqs])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_padded_with_key_mask_equals_packed():
     lengths = [5, 9, 2]
     q, cu = pack_sequences([torch.randn(n, 2, 16) for n in lengths])
