@@ -227,8 +227,9 @@ def main() -> None:
 
     ckpt = CheckpointManager(accelerator, out / "checkpoints", total_limit=cfg.checkpoint.total_limit)
     guard = NonFiniteGuard(accelerator)
-    if cfg.checkpoint.resume and (resumed := ckpt.resume()) is not None:
-        logger.info(f"resumed from {resumed} at step {ckpt.state.step}", main_process_only=True)
+    if cfg.checkpoint.resume and (resumed := ckpt.resume()) is not None and accelerator.is_main_process:
+        with open(out / "train_log.jsonl", "a") as handle:
+            handle.write(json.dumps({"resumed_from": str(resumed), "step": ckpt.state.step}) + "\n")
 
     # 2. data: the step fixes the indices, so a resumed run replays the same order
     tasks = cfg.data.tasks or [name for kind in cfg.data.kinds for name in list_tasks(kind)]
@@ -298,7 +299,7 @@ def main() -> None:
         if step % cfg.logging.every_steps == 0 or step == cfg.schedule.max_steps:
             loss = accelerator.gather(result.per_sample.detach()).mean().item()
             elapsed = time.perf_counter() - timer
-            logs = {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+            logs = {"train/loss": loss, "train/processes": world, "train/lr": lr_scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                     "train/tokens_per_s": tokens * world / max(elapsed, 1e-9)}  # fmt: skip
             accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{loss:.4f}")

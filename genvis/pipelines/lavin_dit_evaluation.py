@@ -9,7 +9,6 @@ tests/lavin/test_train_lavin_dit.py.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from genvis.tasks import decode_binary_map
+from genvis.vae.losses import psnr as clip_psnr
 
 __all__ = ["BINARY_MAP_TASKS", "InContextScore", "episode_grid_row", "evaluate_in_context", "psnr"]
 
@@ -27,9 +27,8 @@ BINARY_MAP_TASKS: frozenset[str] = frozenset(
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of clips in [-1, 1] (peak-to-peak 2); capped at 100 dB for an exact match."""
-    mse = float((prediction.float() - target.float()).square().mean())
-    return 100.0 if mse == 0 else 10 * math.log10(4.0 / mse)
+    """PSNR in dB of one clip in [-1, 1] (peak 1 on the [0, 1] scale; ``genvis.vae.losses.psnr``)."""
+    return float(clip_psnr(prediction[None], target[None])[0])
 
 
 def binary_iou(prediction: torch.Tensor, target: torch.Tensor) -> float:
