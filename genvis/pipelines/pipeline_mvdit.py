@@ -1,10 +1,11 @@
 """Text-to-video generation with MVDiT (OpenVid-1M), as a diffusers ``DiffusionPipeline``.
 
 Components: a ``transformers`` tokenizer + text encoder (:mod:`genvis.text`), the
-:class:`~genvis.models.mvdit.MVDiTTransformer3DModel`, a video VAE and a diffusers scheduler. The VAE is either the
-ST-VAE (``AutoencoderKLCogVideoX``, 4x temporal + 8x spatial compression, clips of ``1 + 8k`` frames:
-an even latent count does not decode back to ``1 + 4 (t - 1)`` frames) or a per-frame
-image VAE (``AutoencoderKL``, as OpenVid's SD VAE: every frame encoded on its own). The scheduler decides the
+:class:`~genvis.models.mvdit.MVDiTTransformer3DModel`, a video VAE and a diffusers scheduler. The VAE is the
+ST-VAE (``AutoencoderKLCogVideoX`` / ``genvis.vae.AutoencoderKLSTVAE``, 4x temporal + 8x spatial compression, clips
+of ``1 + 4k`` frames), a per-frame image VAE (``AutoencoderKL``, as OpenVid's SD VAE: every frame encoded on its own)
+or any clip autoencoder with the same interface (``genvis.models.PixelUnshuffleAutoencoder``: exact, for pixel-space
+tiny runs). The scheduler decides the
 objective: ``DDPMScheduler`` with ``variance_type="learned_range"`` receives the model's variance channels, any other
 scheduler (DDIM, DPM-Solver, ``FlowMatchEulerDiscreteScheduler`` for a rectified-flow model) only the first
 ``in_channels``.
@@ -99,27 +100,43 @@ def build_image_vae(preset: str = "tiny", **overrides) -> AutoencoderKL:
     return AutoencoderKL(**{**IMAGE_VAE_CONFIGS[preset], **overrides})
 
 
-def _is_st_vae(vae: VideoVAE) -> bool:
-    return isinstance(vae, AutoencoderKLCogVideoX)
+def _vae_kind(vae) -> Literal["image", "cogvideox", "video"]:
+    """``image``: per-frame ``AutoencoderKL``; ``cogvideox``: the ST-VAE family; ``video``: any other autoencoder
+    taking whole clips ``(B, C, T, H, W)`` (e.g. ``genvis.models.PixelUnshuffleAutoencoder``)."""
+    if isinstance(vae, AutoencoderKL):
+        return "image"
+    if isinstance(vae, AutoencoderKLCogVideoX):
+        return "cogvideox"
+    if not hasattr(vae.config, "temporal_compression_ratio"):
+        raise ValueError(
+            f"vae: expected an AutoencoderKL, an AutoencoderKLCogVideoX or a clip autoencoder whose config has "
+            f"temporal_compression_ratio, got {type(vae).__name__}"
+        )
+    return "video"
 
 
 def vae_spatial_compression(vae: VideoVAE) -> int:
     """Pixels per latent along height/width (8 for the SD VAE and the ST-VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    ratio = getattr(vae.config, "spatial_compression_ratio", None)
+    return int(ratio) if ratio else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def latent_num_frames(vae: VideoVAE, num_frames: int) -> int:
-    """Latent frames of a ``num_frames`` clip (ST-VAE: ``1 + (T - 1) / 4`` with ``T = 1 + 8k``; per-frame VAE: ``T``)."""
+    """Latent frames of a ``num_frames`` clip (ST-VAE: ``1 + (T - 1) / 4``; per-frame VAE: ``T``)."""
     if num_frames < 1:
         raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
-    if not _is_st_vae(vae):
+    kind = _vae_kind(vae)
+    ratio = 1 if kind == "image" else int(vae.config.temporal_compression_ratio)
+    if ratio == 1:
         return num_frames
-    ratio = int(vae.config.temporal_compression_ratio)
-    # CogVideoX's decoder keeps the first latent frame apart only when the latent count is odd, so only an odd count
-    # decodes back to 1 + ratio * (t - 1) frames (2 latents -> 8 frames, not 5): clips of 1 + 2 * ratio * k frames
-    if (num_frames - 1) % (2 * ratio):
+    from genvis.vae import AutoencoderKLSTVAE
+
+    # diffusers' stock CogVideoX decoder keeps the first latent frame apart only for odd latent counts, so an even
+    # count does not decode back (2 latents -> 8 frames, not 5); genvis' AutoencoderKLSTVAE handles every count
+    step = 2 * ratio if kind == "cogvideox" and not isinstance(vae, AutoencoderKLSTVAE) else ratio
+    if (num_frames - 1) % step:
         raise ValueError(
-            f"num_frames: the ST-VAE round-trips 1 + {2 * ratio}k frames (1, {1 + 2 * ratio}, {1 + 4 * ratio}, ...), "
+            f"num_frames: {type(vae).__name__} round-trips 1 + {step}k frames (1, {1 + step}, {1 + 2 * step}, ...), "
             f"got {num_frames}"
         )
     return 1 + (num_frames - 1) // ratio
@@ -135,30 +152,36 @@ def encode_video_latents(
     video: torch.Tensor,
     generator: torch.Generator | None = None,
     sample_posterior: bool = True,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Encode clips ``(B, 3, T, H, W)`` in [-1, 1] to normalised latents ``(B, C, t, H/8, W/8)``.
+    """Encode clips ``(B, 3, T, H, W)`` in [-1, 1] to latents ``(B, C, t, H/f, W/f)``.
 
     Args:
-        vae: ST-VAE (whole clip at once) or image VAE (frame by frame).
+        vae: ST-VAE or clip autoencoder (whole clip at once), or image VAE (frame by frame).
         video: the clips.
         generator: RNG of the posterior sample.
         sample_posterior: posterior sample (OpenVid, LaVin) or its mean.
+        normalize: apply the VAE config's ``(z - shift_factor) * scaling_factor``.
     """
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"video: expected (B, 3, T, H, W), got {tuple(video.shape)}")
     latent_num_frames(vae, video.shape[2])
     B, _, T = video.shape[:3]
     video = video.to(dtype=vae.dtype)
-    if _is_st_vae(vae):
-        from genvis.vae.autoencoder_st_vae import posterior
+    kind = _vae_kind(vae)
+    if kind == "cogvideox":
+        from genvis.vae import posterior
 
         distribution = posterior(vae, video)
+    elif kind == "image":
+        distribution = vae.encode(video.transpose(1, 2).flatten(0, 1)).latent_dist  # frames (B*T, 3, H, W)
     else:
-        frames = video.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W)
-        distribution = vae.encode(frames).latent_dist
+        distribution = vae.encode(video).latent_dist
     latents = distribution.sample(generator=generator) if sample_posterior else distribution.mode()
-    if not _is_st_vae(vae):
-        latents = latents.unflatten(0, (B, T)).transpose(1, 2)  # (B, C, T, h, w)
+    if kind == "image":
+        latents = latents.unflatten(0, (B, T)).transpose(1, 2)  # (B*T, C, h, w) -> (B, C, T, h, w)
+    if not normalize:
+        return latents
     shift, scale = _latent_stats(vae)
     return (latents - shift) * scale
 
@@ -170,10 +193,13 @@ def decode_video_latents(vae: VideoVAE, latents: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"latents: expected (B, {channels}, t, h, w), got {tuple(latents.shape)}")
     shift, scale = _latent_stats(vae)
     latents = (latents / scale + shift).to(vae.dtype)
-    if _is_st_vae(vae):
-        from genvis.vae.autoencoder_st_vae import decode_latents
+    kind = _vae_kind(vae)
+    if kind == "cogvideox":
+        from genvis.vae import decode_latents
 
         return decode_latents(vae, latents, denormalize=False)
+    if kind == "video":
+        return vae.decode(latents).sample
     B, _, t = latents.shape[:3]
     frames = vae.decode(latents.transpose(1, 2).flatten(0, 1)).sample  # (B*t, 3, H, W)
     return frames.unflatten(0, (B, t)).transpose(1, 2)
@@ -266,7 +292,7 @@ class MVDiTPipeline(DiffusionPipeline):
     @property
     def default_num_frames(self) -> int:
         # OpenVid trains 16 frames through the per-frame VAE; 17 = 1 + 4 * 4 is the ST-VAE equivalent
-        return 17 if _is_st_vae(self.vae) else 16
+        return 17 if _vae_kind(self.vae) == "cogvideox" else 16
 
     # ----------------------------------------------------------------------------------------------------------
     # inputs
@@ -418,7 +444,7 @@ class MVDiTPipeline(DiffusionPipeline):
             prompt: one prompt or a list.
             negative_prompt: text of the unconditional branch (one, or one per prompt); None uses the model's null
                 caption, which is what caption dropout trained.
-            num_frames: frames of the output clip (ST-VAE: ``1 + 8k``); default 17 (ST-VAE) or 16 (per-frame VAE).
+            num_frames: frames of the output clip (ST-VAE: ``1 + 4k``); default 17 (ST-VAE) or 16 (per-frame VAE).
             height: output height in pixels, a multiple of VAE factor x patch size; default from the transformer.
             width: output width, same rule.
             num_inference_steps: denoising steps (the paper: 100 respaced DDPM steps).

