@@ -21,17 +21,8 @@ from genvis.text import encode_prompts, load_text_encoder, text_embed_dim
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matrices: OpenMP threads only spin against each other (10x slower on a shared 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_overfit_captioned_clips(one_thread, tmp_path):
+def test_overfit_captioned_clips(tmp_path):
     # three clips with different shapes, motions and backgrounds; exact captions from the generator
     clips = [
         procedural_video(seed, num_frames=4, size=16, num_shapes=(1, 1), camera_pan_probability=0.0)
@@ -146,7 +137,7 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def test_script_resume_equals_uninterrupted_run(builtin_root, tmp_path, one_thread):
+def test_script_resume_equals_uninterrupted_run(builtin_root, tmp_path):
     main = _script_main()
     straight = main(_fast_args(tmp_path / "straight", builtin_root, "schedule.max_steps=4"))
     assert straight["step"] == 4 and np.isfinite(straight["last_loss"])
