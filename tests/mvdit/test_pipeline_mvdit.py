@@ -164,8 +164,8 @@ def test_st_vae_pipeline_frame_counts():
     pipe = make_pipeline(vae=build_st_vae("tiny"))
     frames = pipe(prompt=PROMPTS[0], num_frames=9, height=16, width=16, num_inference_steps=2, output_type="np").frames
     assert frames.shape == (1, 9, 16, 16, 3)
-    with pytest.raises(ValueError, match="1 \\+ 8k frames"):
-        pipe(prompt=PROMPTS[0], num_frames=5, height=16, width=16, num_inference_steps=1)
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        pipe(prompt=PROMPTS[0], num_frames=6, height=16, width=16, num_inference_steps=1)
 
 
 def test_flow_pipeline_and_scheduler_swap():
