@@ -8,6 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run tiny models: one intra-op thread per process. Two OpenMP threads on tiny matrices mostly spin (measured up
+# to 10x slower per step on the 2-core CI machine), and subprocess tests (2-process DDP) would oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
 
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
