@@ -628,6 +628,14 @@ class VisionTransformerModel(ModelMixin, ConfigMixin):
         hidden_states, rotary = self._embed(pixel_values, grid_thw, layout, patch_mask)
         if self.norm_pre is not None:
             hidden_states = self.norm_pre(hidden_states)
+        compression = self.__dict__.get("token_compression")
+        if (
+            compression is not None
+        ):  # token merging/pruning runs the blocks itself (per image, see set_token_compression)
+            if attention_layout != "packed" or layout.window_perm is not None:
+                raise ValueError("token compression needs attention_layout='packed' and no window attention")
+            hidden_states, intermediates = compression(self, hidden_states, rotary, layout, collect)
+            return hidden_states, intermediates, grid_thw, layout
 
         # Execution layout: packed with cu_seqlens (optionally window-permuted), a plain batch when every segment
         # has the same length (one SDPA call, no mask), or a padded batch with a key mask.
@@ -814,6 +822,19 @@ class VisionTransformerModel(ModelMixin, ConfigMixin):
         if output_fmt == "grid":
             features = [tokens_to_grids(f, output.grid_thw, self.config.spatial_merge_size) for f in features]
         return features if intermediates_only else (output, features)
+
+    def set_token_compression(self, compressor: nn.Module | None) -> None:
+        """Run the blocks through a token merging/pruning ``compressor`` (None restores the plain encoder).
+
+        The compressor (:mod:`genvis.encoders.token_compression`) is called as
+        ``compressor(model, hidden_states, rotary, layout, collect) -> (hidden_states, intermediates)`` and must return
+        the full-length packed sequence (reduced tokens un-merged back to their positions), so every output keeps its
+        shape. It is stored outside ``_modules``: the encoder's state dict, ``parameters()`` and ``save_pretrained``
+        are unchanged; move it to the device yourself.
+        """
+        if compressor is not None and not callable(compressor):
+            raise ValueError(f"compressor must be callable or None, got {type(compressor).__name__}")
+        self.__dict__["token_compression"] = compressor
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm alias of ``enable_gradient_checkpointing`` / ``disable_gradient_checkpointing``."""
