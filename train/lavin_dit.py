@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,9 @@ from genvis.training import (
     progress_bar,
     setup_accelerator,
 )
+from genvis.training.lora import LoRAOptions, add_lora, merge_lora, save_lora
+from genvis.training.optim import build_optimizer
+from genvis.training.repa import REPAOptions, build_repa
 
 logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "lavin_dit" / "tiny.yaml"
@@ -88,6 +92,8 @@ class FlowConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # "adamw" | "sgd_sai" (genvis.training.optim; SGD-SaI wants a far smaller lr)
+    momentum: float = 0.9  # sgd_sai only
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -139,6 +145,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    repa: REPAOptions = field(default_factory=REPAOptions)  # README "Efficiency: REPA alignment, SGD-SaI, LoRA"
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
 
 
 class StepSliceSampler(Sampler[int]):
@@ -204,16 +212,28 @@ def main() -> None:
         for k, v in config_to_dict(cfg.model).items()
         if v is not None and k not in ("preset", "gradient_checkpointing")
     }
-    model = LaVinDiTTransformer3DModel.from_preset(
-        cfg.model.preset, in_channels=int(vae.config.latent_channels), **overrides
-    )
+    if cfg.lora.enabled and cfg.lora.base_model:
+        model = LaVinDiTTransformer3DModel.from_pretrained(cfg.lora.base_model)
+    else:
+        model = LaVinDiTTransformer3DModel.from_preset(
+            cfg.model.preset, in_channels=int(vae.config.latent_channels), **overrides
+        )
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    lora_config = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules) if cfg.lora.enabled else None
+    repa = build_repa(cfg.repa, model, seed=cfg.seed) if cfg.repa.enabled else None
+    if repa is not None:
+        repa.encoder.to(accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += list(repa.projector.parameters()) if repa is not None else []
+    optimizer = build_optimizer(cfg.optim.name, trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                betas=cfg.optim.betas, momentum=cfg.optim.momentum)  # fmt: skip
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=cfg.schedule.max_steps)  # fmt: skip
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if repa is not None:
+        model, repa.projector, optimizer = accelerator.prepare(model, repa.projector, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     # stepped once per optimizer step on every rank (a prepared scheduler steps num_processes times)
     accelerator.register_for_checkpointing(lr_scheduler)
     flow = RectifiedFlow(cfg.flow.logit_mean, cfg.flow.logit_std, cfg.flow.shift, cfg.flow.l1_weight,
@@ -221,7 +241,8 @@ def main() -> None:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
 
     def make_pipeline() -> LaVinDiTPipeline:
-        pipe = LaVinDiTPipeline(accelerator.unwrap_model(model), vae, scheduler)
+        transformer = accelerator.unwrap_model(model)
+        pipe = LaVinDiTPipeline(merge_lora(transformer) if cfg.lora.enabled else transformer, vae, scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -267,6 +288,8 @@ def main() -> None:
 
     def export(folder: Path) -> None:
         make_pipeline().save_pretrained(folder / "pipeline")
+        if lora_config is not None:
+            save_lora(accelerator.unwrap_model(model), folder / "lora", lora_config)
 
     # 3. the loop
     model.train()
@@ -279,12 +302,16 @@ def main() -> None:
         latents = encode_episodes(vae, episodes, sample_posterior=cfg.vae.sample_posterior)
         targets = [z.to(accelerator.device) for z in latents.targets]
         contexts = [z.to(accelerator.device) for z in latents.contexts]
-        with accelerator.autocast():
+        with accelerator.autocast(), repa.capture() if repa is not None else nullcontext():
             result = flow.training_loss(model, targets, contexts, generator=sample_generators(cfg.seed, ids),
                                         query_frames=latents.query_frames)  # fmt: skip
-        accelerator.backward(result.loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        if guard.check(result.loss, grad_norm, step=step):
+            loss = result.loss
+            if repa is not None:  # align the hooked block with the encoder features of the clean query targets
+                alignment = repa.loss([ep.query_target for ep in episodes], targets)
+                loss = loss + alignment.loss
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+        if guard.check(loss, grad_norm, step=step):
             optimizer.step()
         else:
             ckpt.state.skipped_steps += 1
@@ -301,6 +328,8 @@ def main() -> None:
             elapsed = time.perf_counter() - timer
             logs = {"train/loss": loss, "train/processes": world, "train/lr": lr_scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                     "train/tokens_per_s": tokens * world / max(elapsed, 1e-9)}  # fmt: skip
+            if repa is not None:
+                logs["train/repa_similarity"] = accelerator.gather(alignment.similarity[None]).mean().item()
             accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{loss:.4f}")
             if accelerator.is_main_process:
