@@ -15,8 +15,10 @@ every checkpoint plus the end of training export a ``MVDiTPipeline`` folder (``<
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,9 @@ from genvis.training import (
     progress_bar,
     setup_accelerator,
 )
+from genvis.training.lora import LoRAOptions, add_lora, merge_lora, save_lora
+from genvis.training.optim import build_optimizer
+from genvis.training.repa import REPAOptions, build_repa
 from genvis.vae import AutoencoderKLSTVAE, build_st_vae
 
 logger = get_logger(__name__)
@@ -103,6 +108,8 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # "adamw" | "sgd_sai" (genvis.training.optim; SGD-SaI wants a far smaller lr)
+    momentum: float = 0.9  # sgd_sai only
     lr: float = 1.0e-3  # OpenVid fine-tunes a 1B model at 2e-5; a tiny model from scratch wants far more
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -162,6 +169,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    repa: REPAOptions = field(default_factory=REPAOptions)  # README "Efficiency: REPA alignment, SGD-SaI, LoRA"
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
 
 
 def build_vae(config: VaeConfig, size: int) -> torch.nn.Module:
@@ -288,16 +297,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "sample_size": config.data.size // vae_spatial_compression(vae),
         **config.model.overrides,
     }
-    unwrapped = MVDiTTransformer3DModel(**model_args)
+    if config.lora.enabled and config.lora.base_model:
+        unwrapped = MVDiTTransformer3DModel.from_pretrained(config.lora.base_model)
+    else:
+        unwrapped = MVDiTTransformer3DModel(**model_args)
     objective.check_model(unwrapped)
     if config.model.gradient_checkpointing:
         unwrapped.enable_gradient_checkpointing()
     logger.info(f"MVDiT {config.model.preset}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f} M params")
-    optimizer = torch.optim.AdamW(
-        unwrapped.parameters(),
+    lora = config.lora
+    lora_config = add_lora(unwrapped, lora.rank, lora.alpha, lora.target_modules) if lora.enabled else None
+    repa = build_repa(config.repa, unwrapped, seed=config.seed) if config.repa.enabled else None
+    if repa is not None:
+        repa.encoder.to(device)
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+    trainable += list(repa.projector.parameters()) if repa is not None else []
+    optimizer = build_optimizer(
+        config.optim.name,
+        trainable,
         lr=config.optim.lr,
-        betas=tuple(config.optim.betas),
         weight_decay=config.optim.weight_decay,
+        betas=config.optim.betas,
+        momentum=config.optim.momentum,
     )
     lr_scheduler = get_scheduler(
         config.optim.lr_scheduler,
@@ -305,14 +326,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         num_warmup_steps=config.optim.warmup_steps * world,
         num_training_steps=config.schedule.max_steps * world,
     )
-    model, optimizer, lr_scheduler = accelerator.prepare(unwrapped, optimizer, lr_scheduler)
+    if repa is not None:
+        model, repa.projector, optimizer, lr_scheduler = accelerator.prepare(
+            unwrapped, repa.projector, optimizer, lr_scheduler
+        )
+    else:
+        model, optimizer, lr_scheduler = accelerator.prepare(unwrapped, optimizer, lr_scheduler)
     ema = create_ema(unwrapped, accelerator, decay=config.ema.decay) if config.ema.enabled else None
 
     def make_pipeline(weights_from_ema: bool) -> MVDiTPipeline:
         transformer = unwrapped
         if weights_from_ema and ema is not None:
-            transformer = MVDiTTransformer3DModel.from_config(unwrapped.config).to(device)
+            if lora_config is not None:  # the EMA covers the adapted model's parameters
+                transformer = copy.deepcopy(unwrapped)
+            else:
+                transformer = MVDiTTransformer3DModel.from_config(unwrapped.config).to(device)
             ema.copy_to(transformer.parameters())
+        if lora_config is not None:
+            transformer = merge_lora(transformer)
         pipe = MVDiTPipeline(tokenizer, text_encoder, transformer.eval(), vae, objective.make_scheduler())
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -320,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def export(folder: Path) -> None:
         """``save_pretrained`` the (EMA) pipeline so ``serve/`` and ``from_pretrained`` load any checkpoint."""
         make_pipeline(weights_from_ema=True).save_pretrained(folder / "pipeline")
+        if lora_config is not None:
+            save_lora(unwrapped, folder / "lora", lora_config)
         unwrapped.train()
 
     checkpoints = CheckpointManager(accelerator, output_dir / "checkpoints", total_limit=config.checkpoint.total_limit)
@@ -357,11 +390,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 vae, batch["video"].to(device), generator=generator, sample_posterior=config.vae.sample_posterior
             )
             text, text_mask = captions(batch["caption"], device)
-        with accelerator.autocast():
+        with accelerator.autocast(), repa.capture() if repa is not None else nullcontext():
             result = objective.training_loss(model, latents, text, text_mask, generator=generator)
         loss = result.loss
+        if repa is not None:  # align the hooked block's video tokens with the encoder features of the clean frames
+            alignment = repa.loss(batch["video"], latents)
+            loss = loss + alignment.loss
+            result.terms["repa_similarity"] = alignment.similarity
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        grad_norm = accelerator.clip_grad_norm_(trainable, config.optim.grad_clip)
         if guard.check(loss, grad_norm, step=step):
             optimizer.step()
             if ema is not None:
