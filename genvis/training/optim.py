@@ -63,7 +63,7 @@ class SGDSaI(torch.optim.Optimizer):
     Args:
         params: parameters or parameter-group dicts.
         lr: base learning rate (the effective step of a block is ``lr * g-SNR``; g-SNR is of order ``sqrt(numel)``
-            for noise-dominated blocks, so base rates are far below AdamW's).
+            for noise-dominated blocks, so tune it separately from AdamW's).
         momentum: EMA coefficient of the momentum buffer, in [0, 1).
         weight_decay: decoupled weight decay (``p *= 1 - lr * weight_decay``).
         eps: added to the gradient standard deviation.
