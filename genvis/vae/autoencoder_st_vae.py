@@ -358,16 +358,19 @@ def decode_latents(
 
 @torch.no_grad()
 def estimate_latent_normalization(
-    vae: AutoencoderKLCogVideoX, batches: Iterable[torch.Tensor], mode: Literal["sample", "mode"] = "sample"
+    vae: AutoencoderKLCogVideoX,
+    batches: Iterable[torch.Tensor],
+    mode: Literal["sample", "mode"] = "sample",
+    generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """``(shift, scale)`` with ``shift`` = mean and ``scale`` = 1 / std of the raw latents of ``batches``.
 
     The official constants are global scalars (not per channel), so these are too. Pass them to
-    ``set_latent_normalization``.
+    ``set_latent_normalization``. Give a ``generator`` to keep the global RNG untouched (e.g. inside a checkpoint).
     """
     total, total_sq, count = 0.0, 0.0, 0
     for pixels in batches:
-        latents = encode_frames(vae, pixels, mode=mode, normalize=False).double()
+        latents = encode_frames(vae, pixels, mode=mode, generator=generator, normalize=False).double()
         total += float(latents.sum())
         total_sq += float((latents**2).sum())
         count += latents.numel()

@@ -80,8 +80,18 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
                 nn.init.normal_(module.weight, 1.0, 0.02)
                 nn.init.zeros_(module.bias)
 
+    @property
+    def min_input_size(self) -> int:
+        """Smallest side accepted: ``num_layers`` halvings, then two stride-1 4x4 convs that each remove 1 px."""
+        return 3 * 2 ** int(self.config.num_layers)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` images -> ``(N, 1, h, w)`` patch logits."""
+        if min(images.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"images: expected H and W >= {self.min_input_size} for num_layers={self.config.num_layers}, "
+                f"got {tuple(images.shape[-2:])}; use fewer discriminator layers"
+            )
         return self.layers(images)
 
 
