@@ -136,6 +136,7 @@ class TrainConfig:
     output_dir: str = "runs/lavin_dit"
     seed: int = 0
     mixed_precision: str = "no"
+    num_threads: int | None = None  # torch intra-op threads per process (None: torch's default)
     model: ModelConfig = field(default_factory=ModelConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -196,6 +197,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_arguments(parser, DEFAULT_CONFIG)
     cfg = config_from_args(TrainConfig, parser.parse_args())
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
     accelerator = setup_accelerator(
         out, seed=cfg.seed, mixed_precision=cfg.mixed_precision, log_with=cfg.logging.log_with,

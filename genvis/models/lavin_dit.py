@@ -42,6 +42,7 @@ from genvis.layers import (
     cu_seqlens_from_lengths,
     grid_position_ids,
     modulate,
+    patchify,
     unpatchify,
 )
 
@@ -478,8 +479,9 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             )
 
     def _embed(self, embedder: PatchEmbed, norm: nn.LayerNorm, latents: torch.Tensor):
-        tokens, grid = embedder(latents)  # (B, T*h*w, D), frame-major then row then column
-        return norm(tokens), grid
+        # a Linear over flattened (C, 1, p, p) patches == the patch conv, without the slow small-conv3d path
+        patches, grid = patchify(latents, embedder.patch_size)  # (B, T*h*w, C*p*p), frame-major, row, column
+        return norm(embedder.forward_patches(patches)), grid
 
     def _positions(self, context_grid, target_grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         # frames are told apart only by t: context 0..T_c-1, target T_c..; every frame shares the spatial grid
@@ -583,18 +585,22 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
     def _packed_layout(self, targets: list[torch.Tensor], contexts: list[torch.Tensor]):
         """Embed variable-length samples into two packed streams and build the index maps of :class:`_JointLayout`."""
         device = targets[0].device
-        context_tokens, target_tokens, context_ids, target_ids, target_grids = [], [], [], [], []
+        context_patches, target_patches, context_ids, target_ids, target_grids = [], [], [], [], []
+        patch = self.context_embedder.patch_size
         for target, context in zip(targets, contexts):
-            c_tokens, c_grid = self._embed(self.context_embedder, self.context_embedder_norm, context[None])
-            x_tokens, x_grid = self._embed(self.target_embedder, self.target_embedder_norm, target[None])
+            c_patches, c_grid = patchify(context[None], patch)  # (1, N_c, C*p*p)
+            x_patches, x_grid = patchify(target[None], patch)
             c_ids, x_ids = self._positions(c_grid, x_grid, device)
-            context_tokens.append(c_tokens[0])
-            target_tokens.append(x_tokens[0])
+            context_patches.append(c_patches[0])
+            target_patches.append(x_patches[0])
             context_ids.append(c_ids)
             target_ids.append(x_ids)
             target_grids.append(x_grid)
-        c_lengths = torch.tensor([t.shape[0] for t in context_tokens], device=device)
-        x_lengths = torch.tensor([t.shape[0] for t in target_tokens], device=device)
+        # one embedding call per stream over all samples: (sum N, C*p*p) -> (1, sum N, D)
+        context_tokens = self.context_embedder_norm(self.context_embedder.forward_patches(torch.cat(context_patches)))
+        target_tokens = self.target_embedder_norm(self.target_embedder.forward_patches(torch.cat(target_patches)))
+        c_lengths = torch.tensor([t.shape[0] for t in context_patches], device=device)
+        x_lengths = torch.tensor([t.shape[0] for t in target_patches], device=device)
         num_context = int(c_lengths.sum())
         c_starts = torch.cumsum(c_lengths, 0) - c_lengths
         x_starts = num_context + torch.cumsum(x_lengths, 0) - x_lengths
@@ -615,7 +621,7 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             cond_sample_index=sample_ids.repeat_interleave(c_lengths),
             target_sample_index=sample_ids.repeat_interleave(x_lengths),
         )
-        return layout, torch.cat(context_tokens)[None], torch.cat(target_tokens)[None], target_grids
+        return layout, context_tokens[None], target_tokens[None], target_grids
 
 
 # ---------------------------------------------------------------------------------------------------------------
