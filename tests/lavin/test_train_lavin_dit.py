@@ -7,6 +7,7 @@ RectifiedFlow, sample_generators, LaVinDiTPipeline, evaluate_in_context); the e2
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -18,8 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
-from genvis.models import LaVinDiTTransformer3DModel
+from genvis.diffusion import RectifiedFlow, encode_episodes, sample_generators
+from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
+from genvis.pipelines import LaVinDiTPipeline, evaluate_in_context
+from genvis.tasks import TaskMixture, sample_episode
 from genvis.training import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +38,83 @@ def _load_script():
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process tiny training (the script's pieces): overfit and context length
+# ---------------------------------------------------------------------------------------------------------------
+
+TASKS = ["depth_order", "edge_detection"]  # copying the query is a poor answer for both: a model must use the pairs
+LOSS_DROP = 2.5  # stated factor: mean loss of the last 25 steps <= mean of the first 25 / 2.5
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A 2-block J-DiT trained 400 full-batch steps on 8 fixed episodes (1-3 pairs, 16 px) of TASKS, pixel space."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread sync costs more than it saves (20x on a loaded 2-core box)
+    try:
+        yield _train_tiny()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny():
+    torch.manual_seed(0)
+    pool = [TaskMixture(tasks=TASKS, num_pairs=(1, 3), size=16, seed=0)[i] for i in range(8)]
+    vae = PixelUnshuffleAutoencoder()
+    model = LaVinDiTTransformer3DModel(
+        in_channels=12, num_layers=2, num_attention_heads=4, num_kv_heads=2, attention_head_dim=12
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    flow = RectifiedFlow(context_dropout=0.1)
+    latents = encode_episodes(vae, pool)
+    losses, batch = [], len(pool)
+    for step in range(400):
+        ids = list(range(batch))
+        result = flow.training_loss(
+            model,
+            [latents.targets[i] for i in ids],
+            [latents.contexts[i] for i in ids],
+            generator=sample_generators(0, [step * batch + i for i in range(batch)]),
+            query_frames=[latents.query_frames[i] for i in ids],
+        )
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(result.loss.item())
+    pipe = LaVinDiTPipeline(model.eval(), vae, FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, pool, losses
+
+
+@pytest.mark.slow
+def test_tiny_overfit_loss_falls_and_samples_beat_copying_the_input(trained):
+    pipe, pool, losses = trained
+    first, last = sum(losses[:25]) / 25, sum(losses[-25:]) / 25
+    assert last <= first / LOSS_DROP, (first, last)
+    scores = evaluate_in_context(pipe, pool, num_inference_steps=10, guidance_scale=1.0)
+    assert set(scores) == set(TASKS)
+    assert scores["depth_order"].psnr > scores["depth_order"].psnr_copy + 1.0, scores
+    assert scores["edge_detection"].iou > scores["edge_detection"].iou_copy, scores
+
+
+@pytest.mark.slow
+def test_more_context_pairs_does_not_hurt_on_held_out_episodes(trained):
+    pipe, _, _ = trained
+    # held-out sources; the same queries answered from their first pair only and from all three pairs
+    three = [sample_episode(task, 3, seed=seed, size=16, split="test") for task in TASKS for seed in range(8)]
+    one = []
+    for episode in three:
+        single = copy.copy(episode)
+        single.context_pairs = episode.context_pairs[:1]
+        one.append(single)
+    scores_three = evaluate_in_context(pipe, three, num_inference_steps=10, guidance_scale=1.0)
+    scores_one = evaluate_in_context(pipe, one, num_inference_steps=10, guidance_scale=1.0)
+    mean_three = sum(s.psnr for s in scores_three.values()) / len(TASKS)
+    mean_one = sum(s.psnr for s in scores_one.values()) / len(TASKS)
+    assert mean_three >= mean_one - 0.5, (scores_one, scores_three)
 
 
 def test_default_preset_file_matches_the_config_dataclass():
