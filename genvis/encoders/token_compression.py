@@ -276,6 +276,7 @@ class DiffRateCompressor(TokenCompressor):
         logits[:, 0] = init_keep_logit
         self.prune_logits = nn.Parameter(logits.clone())
         self.merge_logits = nn.Parameter(logits.clone())
+        self._schedule: list[tuple[int, int]] = []  # hard schedule of the running eval forward
 
     def expected_counts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-block (kept after pruning, kept after merging) counts: ceil-STE expectations, non-increasing."""
@@ -301,7 +302,7 @@ class DiffRateCompressor(TokenCompressor):
         return encoder_flops(model, self.num_patches, self.expected_counts()[1])
 
     def plan(self, index, metric, scores, num_protected, num_patches):
-        keep, dest = self.schedule()[index]
+        keep, dest = self._schedule[index]
         if num_patches != self.num_patches:
             keep = max(1, round(keep * num_patches / self.num_patches))
             dest = max(1, round(dest * num_patches / self.num_patches))
@@ -313,6 +314,8 @@ class DiffRateCompressor(TokenCompressor):
 
     def _run_group(self, model, x, rotary, num_protected, collect):
         if not self.training:
+            with torch.no_grad():
+                self._schedule = self.schedule()  # once per forward, not once per block
             return super()._run_group(model, x, rotary, num_protected, collect)
         if not model.config.use_cls_token:
             raise ValueError("DiffRateCompressor ranks tokens by CLS attention; the encoder needs use_cls_token")
