@@ -9,7 +9,9 @@ one process, fp32 forward, best of ``--repeats`` after a warm-up, round robin:
 - ``none``: the encoder without compression (the peer);
 - ``tome r=K``: parameter-free ToMe merging ``K`` tokens per block, proportional attention;
 - ``diffrate F``: DiffRate prune + merge rates searched off the shelf (encoder frozen, ``--search-steps`` steps of
-  distillation to the uncompressed encoder + FLOP penalty) for a target of ``F`` x the block MACs.
+  distillation to the uncompressed encoder + FLOP penalty) for a target of ``F`` x the block MACs;
+- ``expedit S``: Expedit hourglass, patch grid clustered to ``S`` x its side after block ``--expedit-location``,
+  reconstructed after the last block (parameter-free).
 
 Per row: images/s, speed-up over ``none``, block MACs (DiffRate convention) as a fraction of ``none``, the ratio
 speed-up / FLOP reduction (A8 expects 0.8-0.9 on GPUs), and feature fidelity: mean cosine of the pooled (CLS) output
@@ -35,8 +37,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tome-r", type=int, nargs="+", default=[8, 13])
-    parser.add_argument("--diffrate-targets", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--tome-r", type=int, nargs="*", default=[8, 13])
+    parser.add_argument("--diffrate-targets", type=float, nargs="*", default=[0.7, 0.5])
+    parser.add_argument("--expedit-scales", type=float, nargs="*", default=[0.7, 0.5])
+    parser.add_argument("--expedit-location", type=int, default=None, help="default: num_layers // 3")
+    parser.add_argument("--expedit-tau", type=float, default=0.02)
     parser.add_argument("--search-steps", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,6 +51,7 @@ def main() -> None:
     from genvis.encoders import VisionTransformerModel
     from genvis.encoders.token_compression import (
         DiffRateCompressor,
+        ExpeditCompressor,
         ToMeCompressor,
         encoder_flops,
         search_diffrate,
@@ -82,13 +88,19 @@ def main() -> None:
             f"final loss {logs[-1]['loss']:.4f}, flops ratio {logs[-1]['flops_ratio']:.3f}"
         )
         compressors[f"diffrate {target}"] = compressor
+    location = args.layers // 3 if args.expedit_location is None else args.expedit_location
+    for scale in args.expedit_scales:
+        compressors[f"expedit {scale}"] = ExpeditCompressor(
+            location, grid_scale=scale, tau=args.expedit_tau, reconstruction_tau=args.expedit_tau
+        )
 
-    outputs, kept = {}, {}
+    outputs, kept, macs = {}, {}, {}
     with torch.inference_mode():
         for name, compressor in compressors.items():
             model.set_token_compression(compressor)
             outputs[name] = model(images)
             kept[name] = None if compressor is None else list(compressor.last_kept)
+            macs[name] = full if compressor is None else compressor.macs(model, num_patches)
 
         def runner(compressor):
             def run():
@@ -111,7 +123,7 @@ def main() -> None:
     reference = outputs["none"]
     for name in compressors:
         seconds = best[name]
-        flops = full if kept[name] is None else float(encoder_flops(model, num_patches, kept[name]))
+        flops = macs[name]
         speedup = best["none"] / seconds
         cut = full / flops
         cos_cls = F.cosine_similarity(outputs[name].pooler_output, reference.pooler_output).mean().item()

@@ -14,6 +14,9 @@ state dict and outputs' shapes are unchanged. Inside every block the reduction h
   the rates (encoder frozen) against ``distill loss + lambda * (GFLOPs / target - 1)^2``. In eval mode the tokens are
   really dropped and merged.
 
+- :class:`ExpeditCompressor` (Liang et al., NeurIPS 2022): parameter-free hourglass for dense outputs: patch tokens
+  clustered once after block ``location`` by local soft k-means, reconstructed from the clusters after the last block.
+
 Dense outputs: after the last block every original token copies the slot it was merged into (or, for a pruned
 token, its most similar kept token), so ``patch_tokens``, intermediates, pooling and the patch merger see full-length
 sequences. Packing: images are never mixed; segments of equal length run as one batch, other lengths in their own
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from genvis.layers import apply_rotary_emb, attention
+from genvis.layers import apply_rotary_emb, attention, cu_seqlens_from_lengths
 from genvis.layers.token_merging import (
     TokenAssignment,
     bipartite_soft_matching,
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DiffRateCompressor",
+    "ExpeditCompressor",
     "ToMeCompressor",
     "TokenCompressor",
     "apply_token_compression",
@@ -149,22 +153,33 @@ class TokenCompressor(nn.Module):
     ) -> TokenAssignment | None:
         raise NotImplementedError
 
+    def macs(self, model: VisionTransformerModel, num_patches: int) -> float:
+        """Block MACs per image of the last forward (``last_kept``; reductions between attention and MLP)."""
+        return float(encoder_flops(model, num_patches, self.last_kept))
+
     def forward(self, model, hidden_states: torch.Tensor, rotary: tuple | None, layout, collect: set[int]):
         """``(S, D)`` packed sequence (special tokens first in each segment) -> same shape, plus intermediates."""
         num_special = layout.num_special
         lengths = [n + num_special for n in layout.segment_lengths]
         starts = layout.cu_seqlens[:-1].tolist()
-        groups: dict[int, list[int]] = {}
-        for segment, length in enumerate(lengths):
-            groups.setdefault(length, []).append(segment)
+        num_segments = len(lengths)
+        extent = layout.coords.new_zeros(num_segments, 3)  # per segment (frames, rows, cols) of its patch grid
+        for axis in range(3):
+            extent[:, axis].scatter_reduce_(0, layout.segment_ids, layout.coords[:, axis] + 1, "amax")
+        groups: dict[tuple, list[int]] = {}
+        for segment, (length, shape) in enumerate(zip(lengths, extent.tolist())):
+            groups.setdefault((length, *shape), []).append(segment)
+        patch_offset = cu_seqlens_from_lengths(layout.segment_lengths).tolist()
         outputs, positions = [], []
         inter_parts: dict[int, list[torch.Tensor]] = {i: [] for i in collect}
-        for length, segments in groups.items():
+        for (length, *_), segments in groups.items():
             index = torch.stack(
                 [torch.arange(starts[s], starts[s] + length, device=hidden_states.device) for s in segments]
             )  # (G, L)
             group_rotary = None if rotary is None else tuple(table[index] for table in rotary)
-            out, inter = self._run_group(model, hidden_states[index], group_rotary, num_special, collect)
+            first = segments[0]
+            coords = layout.coords[patch_offset[first] : patch_offset[first + 1]]  # (P, 3), same for the group
+            out, inter = self._run_group(model, hidden_states[index], group_rotary, num_special, collect, coords)
             outputs.append(out.reshape(-1, out.shape[-1]))
             positions.append(index.reshape(-1))
             for i in collect:
@@ -173,7 +188,16 @@ class TokenCompressor(nn.Module):
         intermediates = {i: torch.cat(parts)[inverse] for i, parts in inter_parts.items()}
         return torch.cat(outputs)[inverse], intermediates
 
-    def _run_group(self, model, x: torch.Tensor, rotary: tuple | None, num_protected: int, collect: set[int]):
+    def _run_group(
+        self,
+        model,
+        x: torch.Tensor,
+        rotary: tuple | None,
+        num_protected: int,
+        collect: set[int],
+        coords: torch.Tensor | None = None,
+    ):
+        """``x``: ``(G, L, D)`` segments of one shape (special tokens first); ``coords``: ``(P, 3)`` patch positions."""
         batch, num_tokens, _ = x.shape
         num_patches = num_tokens - num_protected
         if self.needs_cls_attention and not model.config.use_cls_token:
@@ -312,7 +336,7 @@ class DiffRateCompressor(TokenCompressor):
             return None
         return importance_merge(metric, scores, keep, dest, num_protected)
 
-    def _run_group(self, model, x, rotary, num_protected, collect):
+    def _run_group(self, model, x, rotary, num_protected, collect, coords=None):
         if not self.training:
             with torch.no_grad():
                 self._schedule = self.schedule()  # once per forward, not once per block
@@ -380,6 +404,134 @@ class DiffRateCompressor(TokenCompressor):
         return unmerge_tokens(x, source), intermediates
 
 
+class ExpeditCompressor(TokenCompressor):
+    """Expedit "hourglass" (Liang et al., NeurIPS 2022): parameter-free token clustering and reconstruction.
+
+    After block ``location`` the patch tokens of each image are clustered from ``h x w`` to ``h' x w'`` by local soft
+    k-means (centroids initialised by adaptive average pooling; a token may only join centroids within ``window``
+    cells of its own cell on the centroid grid; ``n_iters`` rounds of ``softmax(-tau * ||x - c||^2)`` assignments and
+    weighted means). The remaining blocks run on the centroids (CLS/registers kept aside, a centroid uses the RoPE
+    position of the token at its cell centre). After the last block every original token is rebuilt as a convex
+    combination of its ``k`` most similar final centroids, weighted by ``softmax(-reconstruction_tau * ||x - c||^2)``
+    between its features before clustering and the centroids right after clustering.
+
+    Args:
+        location: block index after which tokens are clustered.
+        grid_scale: ``h' = round(h * grid_scale)`` (same for ``w'``), used when ``output_grid`` is None.
+        output_grid: fixed ``(h', w')`` cluster grid.
+        n_iters: k-means iterations.
+        tau: assignment sharpness.
+        window: neighbourhood side on the centroid grid.
+        k: centroids per token in the reconstruction.
+        reconstruction_tau: reconstruction sharpness.
+    """
+
+    def __init__(
+        self,
+        location: int,
+        grid_scale: float = 0.7,
+        output_grid: tuple[int, int] | None = None,
+        n_iters: int = 5,
+        tau: float = 0.02,
+        window: int = 5,
+        k: int = 20,
+        reconstruction_tau: float = 0.02,
+    ) -> None:
+        super().__init__(proportional_attention=False)
+        if location < 0 or not 0 < grid_scale <= 1 or n_iters < 1 or window < 1 or k < 1:
+            raise ValueError(
+                "need location >= 0, 0 < grid_scale <= 1, n_iters >= 1, window >= 1, k >= 1, got "
+                f"{location}, {grid_scale}, {n_iters}, {window}, {k}"
+            )
+        if output_grid is not None and (len(output_grid) != 2 or min(output_grid) < 1):
+            raise ValueError(f"output_grid must be (rows, cols) >= 1, got {output_grid}")
+        self.location, self.grid_scale, self.output_grid = location, grid_scale, output_grid
+        self.n_iters, self.tau, self.window, self.k = n_iters, tau, window, k
+        self.reconstruction_tau = reconstruction_tau
+
+    def macs(self, model: VisionTransformerModel, num_patches: int) -> float:
+        """Block MACs per image of the last forward: blocks up to ``location`` see every token (clustering follows the
+        MLP, unlike the ToMe/DiffRate reductions), the others the clusters."""
+        config, special = model.config, model.num_special_tokens
+        total = 0.0
+        for index, tokens in enumerate(self.last_kept):
+            tokens = (num_patches if index <= self.location else tokens) + special
+            total += block_flops(tokens, tokens, model.dim, config.mlp_hidden_dim, config.mlp_type)
+        return total
+
+    @staticmethod
+    def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``(B, P, D)``, ``(B, M, D)`` -> ``(B, P, M)`` squared distances."""
+        return (x.pow(2).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + c.pow(2).sum(-1)[:, None]).clamp_min(0)
+
+    def _cluster(self, patches: torch.Tensor, coords: torch.Tensor):
+        """Patch tokens ``(B, P, D)`` at ``coords`` ``(P, 2)`` -> centroids ``(B, M, D)``, window mask, centre index."""
+        rows, cols = int(coords[:, 0].max()) + 1, int(coords[:, 1].max()) + 1
+        if self.output_grid is not None:
+            out_rows, out_cols = self.output_grid
+        else:
+            out_rows, out_cols = max(1, round(rows * self.grid_scale)), max(1, round(cols * self.grid_scale))
+        out_rows, out_cols = min(out_rows, rows), min(out_cols, cols)
+        batch, _, dim = patches.shape
+        raster = patches.new_zeros(batch, rows * cols, dim)
+        raster[:, coords[:, 0] * cols + coords[:, 1]] = patches
+        grid = raster.transpose(1, 2).reshape(batch, dim, rows, cols)
+        centroids = F.adaptive_avg_pool2d(grid, (out_rows, out_cols)).flatten(2).transpose(1, 2)  # (B, M, D)
+        cell_r = (coords[:, 0] * out_rows) // rows  # (P,) centroid cell of every token
+        cell_c = (coords[:, 1] * out_cols) // cols
+        cent_r = torch.arange(out_rows, device=coords.device).repeat_interleave(out_cols)  # (M,)
+        cent_c = torch.arange(out_cols, device=coords.device).repeat(out_rows)
+        half = self.window // 2
+        allowed = ((cell_r[:, None] - cent_r).abs() <= half) & ((cell_c[:, None] - cent_c).abs() <= half)  # (P, M)
+        for _ in range(self.n_iters):
+            logits = (-self.tau * self._sq_dist(patches, centroids)).masked_fill(~allowed, -math.inf)
+            affinity = logits.softmax(-1)  # (B, P, M) each token over its allowed centroids
+            centroids = (affinity.transpose(1, 2) @ patches) / affinity.sum(1)[..., None].clamp_min(1e-6)
+        # the token at (or nearest to) each centroid's cell centre lends its RoPE position
+        centre_r = ((cent_r.float() + 0.5) * rows / out_rows - 0.5).round().long()
+        centre_c = ((cent_c.float() + 0.5) * cols / out_cols - 0.5).round().long()
+        lookup = torch.full((rows * cols,), -1, dtype=torch.long, device=coords.device)
+        lookup[coords[:, 0] * cols + coords[:, 1]] = torch.arange(len(coords), device=coords.device)
+        centre = lookup[centre_r * cols + centre_c]
+        return centroids, centre
+
+    def _run_group(self, model, x, rotary, num_protected, collect, coords=None):
+        if coords is None:
+            raise ValueError("ExpeditCompressor needs the patch coordinates of the group")
+        if int(coords[:, 0].max()) > 0:
+            raise ValueError("ExpeditCompressor clusters single frames; disable attend_across_frames")
+        if self.location >= len(model.blocks):
+            raise ValueError(f"location {self.location} is outside [0, num_layers={len(model.blocks)})")
+        coords = coords[:, 1:]
+        intermediates: dict[int, torch.Tensor] = {}
+        weights = None  # (B, P, M) reconstruction weights once clustered
+        num_patches = x.shape[1] - num_protected
+
+        def full_length(states: torch.Tensor) -> torch.Tensor:
+            if weights is None:
+                return states
+            return torch.cat([states[:, :num_protected], weights @ states[:, num_protected:]], 1)
+
+        for index, block in enumerate(model.blocks):
+            x = block(x, rotary)
+            if index == self.location and index < len(model.blocks) - 1:
+                patches = x[:, num_protected:]
+                centroids, centre = self._cluster(patches, coords)
+                logits = -self.reconstruction_tau * self._sq_dist(patches, centroids)  # (B, P, M)
+                top = logits.topk(min(self.k, centroids.shape[1]), dim=-1)
+                weights = torch.zeros_like(logits).scatter_(-1, top.indices, top.values.softmax(-1))
+                x = torch.cat([x[:, :num_protected], centroids], 1)
+                if rotary is not None:
+                    keep = torch.cat([torch.arange(num_protected, device=x.device), num_protected + centre])
+                    rotary = tuple(table[:, keep] for table in rotary)
+            if index in collect:
+                intermediates[index] = full_length(x)
+        self.last_kept = [
+            num_patches if i < self.location else x.shape[1] - num_protected for i in range(len(model.blocks))
+        ]  # tokens leaving each block
+        return full_length(x), intermediates
+
+
 def apply_token_compression(
     model: VisionTransformerModel,
     mode: str | TokenCompressor | None,
@@ -393,7 +545,8 @@ def apply_token_compression(
     Args:
         model: a :class:`genvis.encoders.VisionTransformerModel`.
         mode: ``"tome"`` (parameter-free, ``r`` per block), ``"diffrate"`` (learnable rates; search with
-            :func:`search_diffrate`), a ready compressor, or None to detach.
+            :func:`search_diffrate`), ``"expedit"`` (parameter-free clustering + reconstruction; ``kwargs`` of
+            :class:`ExpeditCompressor`), a ready compressor, or None to detach.
         r: ToMe tokens removed per block.
         num_patches: reference patch tokens per image (required for ``"diffrate"``; optional ToMe scaling).
         **kwargs: forwarded to the compressor's constructor.
@@ -402,12 +555,14 @@ def apply_token_compression(
         compressor = mode
     elif mode == "tome":
         compressor = ToMeCompressor(r, reference_num_patches=num_patches, **kwargs)
+    elif mode == "expedit":
+        compressor = ExpeditCompressor(**kwargs)
     elif mode == "diffrate":
         if num_patches is None:
             raise ValueError("mode='diffrate' needs num_patches (the reference patch-token count per image)")
         compressor = DiffRateCompressor(model.config.num_layers, num_patches, **kwargs)
     else:
-        raise ValueError(f"mode must be 'tome', 'diffrate', a TokenCompressor or None, got {mode!r}")
+        raise ValueError(f"mode must be 'tome', 'diffrate', 'expedit', a TokenCompressor or None, got {mode!r}")
     if compressor is not None:
         compressor.to(model.device)
     model.set_token_compression(compressor)

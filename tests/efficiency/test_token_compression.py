@@ -156,3 +156,41 @@ def test_bad_input():
         model(_images(), attention_layout="padded")
     with pytest.raises(ValueError, match="target_flops_ratio"):
         search_diffrate(_encoder(), DiffRateCompressor(4, 64), [_images()], 1.5, steps=1)
+
+
+def test_expedit_identity_and_reduction():
+    model = _encoder()
+    images = _images()
+    reference = model(images, intermediate_layers=[0, 3])
+    # grid_out = grid_in with sharp assignments: clustering and reconstruction are the identity
+    apply_token_compression(model, "expedit", location=1, grid_scale=1.0, tau=100.0, reconstruction_tau=100.0)
+    output = model(images)
+    assert F.cosine_similarity(output.patch_tokens, reference.patch_tokens, dim=-1).min() > 0.99
+    compressor = apply_token_compression(
+        model, "expedit", location=1, grid_scale=0.5, tau=10.0, reconstruction_tau=10.0
+    )
+    output = model(images, intermediate_layers=[0, 3])
+    assert compressor.last_kept == [64, 16, 16, 16]  # 8x8 -> 4x4 clusters after block 1
+    assert output.patch_tokens.shape == reference.patch_tokens.shape
+    torch.testing.assert_close(output.intermediates[0], reference.intermediates[0])  # before clustering: unchanged
+    assert output.intermediates[1].shape == reference.intermediates[1].shape
+    d, h, s = 32, 64, 3
+    full, clustered = (4 * n * d**2 + 2 * n**2 * d + 2 * n * d * h for n in (64 + s, 16 + s))
+    assert compressor.macs(model, 64) == 2 * full + 2 * clustered
+    assert compressor.macs(model, 64) / encoder_flops(model, 64) < 0.7
+
+
+def test_expedit_respects_packing_and_rope():
+    model = _encoder()  # 2D RoPE: centroids take the position of the token at their cell centre
+    processor = NativeResolutionProcessor(patch_size=4)
+    generator = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 32, 32, generator=generator), torch.rand(3, 24, 40, generator=generator)]
+    images.append(torch.rand(3, 40, 24, generator=generator))  # same token count as 24x40, other grid
+    apply_token_compression(model, "expedit", location=0, grid_scale=0.5)
+    packed = processor(images)
+    together = model(packed.pixel_values, packed.grid_thw).patch_tokens
+    alone = [model(*(lambda p: (p.pixel_values, p.grid_thw))(processor([image]))).patch_tokens for image in images]
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    apply_token_compression(model, "expedit", location=4)
+    with pytest.raises(ValueError, match="location"):
+        model(_images())
