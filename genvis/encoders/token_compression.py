@@ -588,7 +588,7 @@ def search_diffrate(
     Loss = objective + ``flops_weight * (GFLOPs / target - 1)^2`` (0 weight during ``warmup_steps``).
 
     Args:
-        model: the encoder (frozen here; its own compressor attachment is restored afterwards).
+        model: the encoder (frozen during the search; its trainable flags and compressor attachment are restored).
         compressor: the :class:`DiffRateCompressor` whose logits train.
         batches: dense ``(B, C, H, W)`` image batches at the reference size (cycled).
         target_flops_ratio: target block MACs as a fraction of the uncompressed encoder, in (0, 1].
@@ -605,6 +605,7 @@ def search_diffrate(
     if not 0 < target_flops_ratio <= 1:
         raise ValueError(f"target_flops_ratio must be in (0, 1], got {target_flops_ratio}")
     previous = model.__dict__.get("token_compression")
+    flags = {name: param.requires_grad for name, param in model.named_parameters()}
     model.requires_grad_(False)
     full = float(encoder_flops(model, compressor.num_patches))
     optimizer = torch.optim.AdamW(compressor.parameters(), lr=lr, weight_decay=0.0)
@@ -637,4 +638,6 @@ def search_diffrate(
         logs.append({"loss": loss.item(), "task": task.item(), "flops_ratio": ratio.item()})
     compressor.eval()
     model.set_token_compression(previous)
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags[name])
     return logs

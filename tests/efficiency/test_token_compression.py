@@ -124,6 +124,7 @@ def test_diffrate_search_meets_flops_target(target):
     images = _images(batch=4)
     compressor = DiffRateCompressor(model.config.num_layers, 64, granularity=2)
     logs = search_diffrate(model, compressor, [images], target, steps=60, lr=0.05)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored after the frozen search
     full = encoder_flops(model, 64)
     achieved = encoder_flops(model, 64, [m for _, m in compressor.schedule()]) / full
     assert abs(achieved / target - 1) < 0.05, (achieved, logs[-1])
