@@ -17,7 +17,7 @@ from genvis.encoders.distill import (
     task_distillation_loss,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "train"))
+TRAIN_DIR = Path(__file__).resolve().parents[2] / "train"
 
 
 def _vit(dim_heads=2, layers=2, patch=4, seed=0, **extra):
@@ -102,7 +102,11 @@ def test_classifier_bad_input():
 
 @pytest.mark.slow
 def test_distill_script_runs_stages_and_resumes(tmp_path):
-    import distill_encoder
+    sys.path.insert(0, str(TRAIN_DIR))
+    try:
+        import distill_encoder
+    finally:
+        sys.path.pop(0)
 
     overrides = [
         f"output_dir={tmp_path / 'run'}",
