@@ -136,7 +136,9 @@ class TrainConfig:
     output_dir: str = "runs/lavin_dit"
     seed: int = 0
     mixed_precision: str = "no"
-    num_threads: int | None = None  # torch intra-op threads per process (None: torch's default)
+    # torch intra-op threads per process (None: torch's default). Tiny models: 1, since on a shared 2-core box
+    # thread synchronisation on small tensors costs more than it saves.
+    num_threads: int | None = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
