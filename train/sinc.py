@@ -44,6 +44,8 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sinc" / "tiny.yaml"
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # SINC_PRESETS key (GPT-2 size)
+    example_layout: str = "fused"  # "fused" (x_k + y_k tokens) or SINC's "interleaved" (see SincMetaModel)
+    features: str = "pixels"  # "pixels" (standardised 8x8 digits) or "encoder" (frozen genvis ViT, below)
     encoder: str | None = None  # a VisionTransformerModel folder; None = the seeded random tiny ViT below
     encoder_seed: int = 0
 
@@ -52,7 +54,7 @@ class ModelConfig:
 class DataConfig:
     image_size: int = 16
     train_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])  # the rest are held out
-    num_pseudo_labels: int = 32  # k-means concepts on the training pool (the self-supervised labels)
+    num_pseudo_labels: int = 128  # k-means concepts on the training pool (the self-supervised labels)
 
 
 @dataclass
@@ -122,12 +124,18 @@ def tiny_encoder(seed: int, image_size: int) -> VisionTransformerModel:
 
 
 @torch.no_grad()
-def digit_features(encoder: VisionTransformerModel, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1797, 2D)`` features (CLS ; mean patch token) of scikit-learn's digits, and ``(1797,)`` digit labels."""
+def digit_features(encoder: VisionTransformerModel | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of scikit-learn's 1797 digits and their ``(1797,)`` labels.
+
+    With ``encoder=None`` the features are the raw 8x8 pixels ``(1797, 64)``; otherwise the images are upsampled to
+    ``image_size`` and encoded to ``(1797, 2D)`` (CLS ; mean patch token).
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    if encoder is None:
+        return images.flatten(1), torch.tensor(digits.target)
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     images = (images.expand(-1, encoder.config.in_channels, -1, -1) - 0.5) / 0.5
     features = []
@@ -166,9 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     acc = setup_accelerator(out, seed=config.seed, log_with=config.logging.tracker, config=config_to_dict(config))
 
     # 1. frozen encoder features and self-supervised pseudo-labels on the training pool
-    if config.model.encoder:
+    if config.model.features not in ("pixels", "encoder"):
+        raise ValueError(f"model.features must be 'pixels' or 'encoder', got {config.model.features!r}")
+    encoder = None
+    if config.model.features == "encoder" and config.model.encoder:
         encoder = VisionTransformerModel.from_pretrained(config.model.encoder).eval()
-    else:
+    elif config.model.features == "encoder":
         encoder = tiny_encoder(config.model.encoder_seed, config.data.image_size)
     features, digits = digit_features(encoder, config.data.image_size)
     in_pool = torch.isin(digits, torch.tensor(config.data.train_classes))
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"data.train_classes must leave some digits held out, got {config.data.train_classes}")
     # standardise with training-pool statistics: a random ViT's features share a large constant component that
     # would swamp cosine similarities (for the baseline and the k-means concepts alike)
-    mean, std = features[in_pool].mean(0), features[in_pool].std(0).clamp_min(1e-6)
+    mean, std = features[in_pool].mean(0), features[in_pool].std(0).clamp_min(0.05)  # never-inked pixels stay ~0
     features = (features - mean) / std
     concepts = pseudo_labels(features[in_pool], config.data.num_pseudo_labels, seed=config.seed)
     p = config.prompts
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         feature_dim=features.shape[-1],
         num_label_symbols=p.num_ways,
         max_examples=p.shots,
+        example_layout=config.model.example_layout,
         **SINC_PRESETS[config.model.preset],
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -51,7 +51,8 @@ class SincOutput(BaseOutput):
 
     Args:
         logits: ``(B, num_label_symbols)`` GILE scores of the query (restricted ways are -inf).
-        example_logits: ``(B, K, num_label_symbols)`` scores read at each demonstration's ``x`` position.
+        example_logits: ``(B, K, num_label_symbols)`` scores read at each demonstration's ``x`` position (None for the
+            fused layout, where a demonstration's token already carries its label).
         loss: CE of the query logits against ``query_labels`` (None without labels).
     """
 
@@ -96,6 +97,11 @@ class SincMetaModel(ModelMixin, ConfigMixin):
         correlation_token: prepend the ``sim`` token Linear(mean_k(x_q * x_k)).
         head_dim: GILE joint width.
         dropout: GPT-2 residual/attention/embedding dropout.
+        example_layout: ``"interleaved"`` (SINC: ``[sim, x_1, y_1, ..., x_K, y_K, x_q]``; binding a query to a label
+            needs a two-layer induction circuit, which emerges only after a long plateau at ``ln N``) or ``"fused"``
+            (``[sim, x_1 + y_1, ..., x_K + y_K, x_q]``: one token per demonstration, so a single attention layer can
+            match the query to a demonstration and copy its label; learns within a few hundred CPU steps).
+            ``example_logits`` are only defined for ``"interleaved"``.
     """
 
     @register_to_config
@@ -110,6 +116,7 @@ class SincMetaModel(ModelMixin, ConfigMixin):
         correlation_token: bool = True,
         head_dim: int = 64,
         dropout: float = 0.0,
+        example_layout: Literal["interleaved", "fused"] = "interleaved",
     ) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2Model
@@ -117,6 +124,8 @@ class SincMetaModel(ModelMixin, ConfigMixin):
         for name in ("feature_dim", "hidden_size", "num_layers", "num_attention_heads", "num_label_symbols"):
             if int(self.config[name]) < 1:
                 raise ValueError(f"{name} must be >= 1, got {self.config[name]}")
+        if example_layout not in ("interleaved", "fused"):
+            raise ValueError(f"example_layout must be 'interleaved' or 'fused', got {example_layout!r}")
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
@@ -135,7 +144,7 @@ class SincMetaModel(ModelMixin, ConfigMixin):
             n_embd=hidden_size,
             n_layer=num_layers,
             n_head=num_attention_heads,
-            n_positions=2 * max_examples + 2,
+            n_positions=2 * max_examples + 2,  # enough for either layout
             vocab_size=1,
             resid_pdrop=dropout,
             embd_pdrop=dropout,
@@ -150,11 +159,15 @@ class SincMetaModel(ModelMixin, ConfigMixin):
     def build_sequence(
         self, example_features: torch.Tensor, example_labels: torch.Tensor, query_features: torch.Tensor
     ) -> torch.Tensor:
-        """``[sim, x_1, y_1, ..., x_K, y_K, x_q]`` embeddings ``(B, 2K + 1 (+1), hidden)``."""
+        """``[sim, x_1, y_1, ..., x_K, y_K, x_q]`` embeddings ``(B, 2K + 1 (+1), hidden)``, or for the fused layout
+        ``[sim, x_1 + y_1, ..., x_K + y_K, x_q]`` ``(B, K + 1 (+1), hidden)``."""
         batch, shots = example_labels.shape
         xs = self.feature_proj(example_features)  # (B, K, hidden)
         ys = self.label_embedding(example_labels)  # (B, K, hidden)
-        pairs = torch.stack([xs, ys], dim=2).reshape(batch, 2 * shots, -1)  # (B, 2K, hidden): x_1, y_1, x_2, ...
+        if self.config.example_layout == "fused":
+            pairs = xs + ys  # (B, K, hidden): one token per demonstration
+        else:
+            pairs = torch.stack([xs, ys], dim=2).reshape(batch, 2 * shots, -1)  # (B, 2K, hidden): x_1, y_1, x_2, ...
         parts = [pairs, self.feature_proj(query_features)[:, None]]
         if self.correlation_proj is not None:
             sim = (query_features[:, None] * example_features).mean(1)  # (B, F)
@@ -207,15 +220,18 @@ class SincMetaModel(ModelMixin, ConfigMixin):
         offset = int(self.correlation_proj is not None)
         table = self.label_embedding.weight[:ways]  # (ways, hidden)
         logits = self.head(hidden[:, -1], table)  # (B, ways)
-        # x_k sits at offset + 2k: its prediction sees only the demonstrations before it
-        example_logits = self.head(hidden[:, offset : offset + 2 * shots : 2], table)  # (B, K, ways)
+        example_logits = None
+        if config.example_layout == "interleaved":
+            # x_k sits at offset + 2k: its prediction sees only the demonstrations before it
+            example_logits = self.head(hidden[:, offset : offset + 2 * shots : 2], table)  # (B, K, ways)
         loss = F.cross_entropy(logits, query_labels) if query_labels is not None else None
         output = SincOutput(logits=logits, example_logits=example_logits, loss=loss)
         return output if return_dict else output.to_tuple()
 
 
-# Size presets, named as SINC's from-scratch GPT-2 sizes.
+# Size presets, named as SINC's from-scratch GPT-2 sizes (plus "micro" for CPU tests).
 SINC_PRESETS: dict[str, dict] = {
+    "micro": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4},  # CPU tests
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4},
     "mini": {"hidden_size": 256, "num_layers": 4, "num_attention_heads": 4},
     "small": {"hidden_size": 512, "num_layers": 4, "num_attention_heads": 8},
@@ -273,9 +289,13 @@ class SincPromptBuilder:
                 f"features (N, F) and labels (N,) must match, got {tuple(features.shape)}, {tuple(labels.shape)}"
             )
         self.features, self.labels = features, labels.long()
-        self.classes = torch.unique(self.labels)
+        classes, counts = torch.unique(self.labels, return_counts=True)
+        # a prompt's classes need a query plus at least one other member (singleton k-means clusters do not qualify)
+        self.classes = classes[counts >= 2]
         if len(self.classes) < num_ways:
-            raise ValueError(f"num_ways={num_ways} needs at least that many classes, got {len(self.classes)}")
+            raise ValueError(
+                f"num_ways={num_ways} needs at least that many classes with >= 2 samples, got {len(self.classes)}"
+            )
         if shots % num_ways:
             raise ValueError(f"shots ({shots}) must be a multiple of num_ways ({num_ways})")
         self.num_ways, self.shots, self.bursty_ratio = num_ways, shots, bursty_ratio
