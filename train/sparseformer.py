@@ -53,11 +53,11 @@ class ModelConfig:
     num_latent_tokens: int = 49
     num_cortex_layers: int | None = None  # default: 2/3 of the teacher depth
     trainable_cortex_layers: int = 0
-    focus_dim: int = 32
+    focus_dim: int = 16
     num_focus_repeats: int = 2
     num_sampling_points: int = 9
-    mixing_dim: int = 16
-    mixing_out_points: int = 8
+    mixing_dim: int = 8
+    mixing_out_points: int = 4
 
 
 @dataclass

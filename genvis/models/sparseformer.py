@@ -258,12 +258,12 @@ class SparseFormerModel(ModelMixin, ConfigMixin):
         num_cortex_layers: int = 2,
         trainable_cortex_layers: int = 0,
         num_latent_tokens: int = 49,
-        focus_dim: int = 32,
+        focus_dim: int = 16,
         focus_num_heads: int = 2,
         num_focus_repeats: int = 2,
         num_sampling_points: int = 9,
-        mixing_dim: int = 16,
-        mixing_out_points: int = 8,
+        mixing_dim: int = 8,
+        mixing_out_points: int = 4,
         padding_mode: str = "border",
     ) -> None:
         super().__init__()
