@@ -11,8 +11,9 @@ teacher and its probe head are saved under ``<output_dir>/teacher`` and reused o
 Student: :meth:`genvis.models.sparseformer.SparseFormerModel.from_vit` (teacher's last 2/3 blocks, final norm, CLS,
 patch embedding and position grid inherited and frozen; focusing transformer, RoIs and ``align_proj`` trainable).
 Loss: ``1 - cos`` between the student's and the teacher's pooled (normed CLS) outputs (+ ``mse_weight`` * MSE), no
-labels. Every ``eval_every_steps`` on held-out scenes: mean cosine of the student, of 49 random teacher tokens and of
-7x7-pooled teacher tokens (both through all teacher blocks), and the teacher probe's accuracy on student features.
+labels. Every ``eval_every_steps`` on held-out scenes: mean cosine of the student, of 49 random, 7x7-pooled and 7x7-grid
+(bilinear at the initial RoI centres) teacher tokens (all through all teacher blocks), and the teacher probe's accuracy
+on teacher and student features.
 Data: procedural scenes (genvis.data.builtin) plus the built-in real images, normalised to [-1, 1], random flips.
 Checkpoints are atomic and resume; the student is exported as ``<output_dir>/student`` (``save_pretrained``).
 """
@@ -215,7 +216,8 @@ def evaluate_alignment(
     head: torch.nn.Linear | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Held-out mean cosine to the teacher's pooled output: the student vs 49 random / 7x7-pooled teacher tokens.
+    """Held-out mean cosine to the teacher's pooled output: the student vs 49 random / 7x7-pooled / 7x7-grid teacher
+    tokens (all through the teacher's blocks).
 
     With ``labels`` and the teacher's probe ``head``, also the probe's multi-label accuracy on teacher and student
     features.
@@ -229,6 +231,7 @@ def evaluate_alignment(
         "student": student(images).pooler_output,
         "random_tokens": token_subset_baseline(teacher, images, num, "random", generator),
         "pooled_tokens": token_subset_baseline(teacher, images, num, "pool"),
+        "grid_tokens": token_subset_baseline(teacher, images, num, "grid"),
     }
     student.train(was_training)
     metrics = {f"cos/{k}": F.cosine_similarity(v, target, dim=-1).mean().item() for k, v in outputs.items()}

@@ -184,8 +184,18 @@ class FocusingUnit(nn.Module):
         self.pe_norm = nn.LayerNorm(dim)
         self.pe_proj = nn.Linear(dim, dim)
         if with_block:
-            self.block = VisionTransformerBlock(dim, num_heads, dim // num_heads, 4 * dim, "gelu", True, True, "layer",
-                                                1e-6, None)  # fmt: skip
+            self.block = VisionTransformerBlock(
+                dim,
+                num_heads,
+                head_dim=dim // num_heads,
+                mlp_hidden_dim=4 * dim,
+                mlp_type="gelu",
+                mlp_bias=True,
+                qkv_bias=True,
+                norm_type="layer",
+                norm_eps=1e-6,
+                layer_scale_init_value=None,
+            )
             self.roi_norm = nn.LayerNorm(dim)
             self.roi_adjust = nn.Linear(dim, 4)
         else:
@@ -514,15 +524,16 @@ def token_subset_baseline(
 ) -> torch.Tensor:
     """The teacher's pooled output from only ``num_tokens`` input tokens (the naive ways to use fewer tokens).
 
-    The teacher's input tokens (patch + position) are reduced to ``num_tokens`` by ``"random"`` choice per image or by
-    ``"pool"``: adaptive average pooling to a ``sqrt(n) x sqrt(n)`` grid. The CLS plus those tokens then go through all
-    teacher blocks and the final norm.
+    The teacher's input tokens (patch + position) are reduced to ``num_tokens`` by ``"random"`` choice per image, by
+    ``"pool"``: adaptive average pooling to a ``sqrt(n) x sqrt(n)`` grid, or by ``"grid"``: bilinear samples at the
+    centres of :func:`initial_rois` (what an untrained :class:`SparseFormerModel` starts from). The CLS plus those
+    tokens then go through all teacher blocks and the final norm.
 
     Returns:
         ``(B, D)`` normed CLS.
     """
-    if mode not in ("random", "pool"):
-        raise ValueError(f"mode must be 'random' or 'pool', got {mode!r}")
+    if mode not in ("random", "pool", "grid"):
+        raise ValueError(f"mode must be 'random', 'pool' or 'grid', got {mode!r}")
     helper = SparseFormerModel.from_vit(
         teacher, num_latent_tokens=num_tokens, num_cortex_layers=teacher.config.num_layers
     )
@@ -535,6 +546,9 @@ def token_subset_baseline(
             [torch.randperm(tokens.shape[1], generator=generator)[:num_tokens] for _ in range(tokens.shape[0])]
         ).to(tokens.device)
         tokens = torch.gather(tokens, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+    elif mode == "grid":
+        centres = initial_rois(num_tokens)[:, :2].to(feature_map.device)  # (N, 2)
+        tokens = _sample(feature_map, centres[None, :, None].expand(len(feature_map), -1, -1, -1), "border")[:, :, 0]
     else:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:

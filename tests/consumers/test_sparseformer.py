@@ -172,6 +172,8 @@ def test_49_learned_tokens_recover_the_teacher_better_than_random_or_pooled_toke
     assert roi_grad_seen
     assert (student.roi_embed.detach() - roi_init).abs().max() > 1e-3  # the RoIs moved
     assert after["cos/student"] > before["cos/student"] + 0.005, (before, after)  # measured 0.943 -> 0.961
+    torch.testing.assert_close(before["cos/student"], before["cos/grid_tokens"], atol=1e-4, rtol=0)  # untrained = grid
+    assert after["cos/student"] > after["cos/grid_tokens"] + 0.005, after
     assert after["cos/student"] > after["cos/random_tokens"] + 0.03, after  # measured 0.961 vs 0.879
     assert after["cos/student"] > after["cos/pooled_tokens"] + 0.1, after  # measured 0.961 vs 0.781
     # the teacher's probe works on student features nearly as well as on the teacher's own
