@@ -45,6 +45,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sinc" / "tiny.yaml"
 class ModelConfig:
     preset: str = "tiny"  # SINC_PRESETS key (GPT-2 size)
     example_layout: str = "fused"  # "fused" (x_k + y_k tokens) or SINC's "interleaved" (see SincMetaModel)
+    example_correlation: bool = True  # Linear(x_q * x_k) on each demonstration token
     features: str = "pixels"  # "pixels" (standardised 8x8 digits) or "encoder" (frozen genvis ViT, below)
     encoder: str | None = None  # a VisionTransformerModel folder; None = the seeded random tiny ViT below
     encoder_seed: int = 0
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_label_symbols=p.num_ways,
         max_examples=p.shots,
         example_layout=config.model.example_layout,
+        example_correlation=config.model.example_correlation,
         **SINC_PRESETS[config.model.preset],
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)

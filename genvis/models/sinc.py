@@ -102,6 +102,8 @@ class SincMetaModel(ModelMixin, ConfigMixin):
             (``[sim, x_1 + y_1, ..., x_K + y_K, x_q]``: one token per demonstration, so a single attention layer can
             match the query to a demonstration and copy its label; learns within a few hundred CPU steps).
             ``example_logits`` are only defined for ``"interleaved"``.
+        example_correlation: add Linear(x_q * x_k) to each demonstration's feature token (a per-example version of
+            SINC's sim token, which averages over k): the meta-model sees how each demonstration matches the query.
     """
 
     @register_to_config
@@ -117,6 +119,7 @@ class SincMetaModel(ModelMixin, ConfigMixin):
         head_dim: int = 64,
         dropout: float = 0.0,
         example_layout: Literal["interleaved", "fused"] = "interleaved",
+        example_correlation: bool = False,
     ) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2Model
@@ -139,6 +142,7 @@ class SincMetaModel(ModelMixin, ConfigMixin):
         )
         self.label_embedding = nn.Embedding(num_label_symbols, hidden_size)
         self.correlation_proj = nn.Linear(feature_dim, hidden_size) if correlation_token else None
+        self.example_correlation_proj = nn.Linear(feature_dim, hidden_size) if example_correlation else None
         # 2. causal GPT-2 from scratch over inputs_embeds (SINC's "tiny": 128 wide, 2 layers)
         gpt2_config = GPT2Config(
             n_embd=hidden_size,
@@ -163,6 +167,8 @@ class SincMetaModel(ModelMixin, ConfigMixin):
         ``[sim, x_1 + y_1, ..., x_K + y_K, x_q]`` ``(B, K + 1 (+1), hidden)``."""
         batch, shots = example_labels.shape
         xs = self.feature_proj(example_features)  # (B, K, hidden)
+        if self.example_correlation_proj is not None:
+            xs = xs + self.example_correlation_proj(query_features[:, None] * example_features)
         ys = self.label_embedding(example_labels)  # (B, K, hidden)
         if self.config.example_layout == "fused":
             pairs = xs + ys  # (B, K, hidden): one token per demonstration
