@@ -1,13 +1,14 @@
-"""Train a SINC meta-model on self-supervised prompts built from frozen genvis ViT features.
+"""Train a SINC meta-model on self-supervised prompts built from scikit-learn digits.
 
     accelerate launch train/sinc.py --config train/configs/sinc/tiny.yaml [--set prompts.bursty_ratio=0.5 ...]
     python train/sinc.py                      # same, tiny preset, single process
 
-Data: scikit-learn's 8x8 handwritten digits (shipped in the wheel), upsampled to 16x16. Digits ``train_classes`` are
-the training pool, the others are held out. A frozen tiny genvis ViT (``model.encoder``: random init by default, or a
-``VisionTransformerModel.save_pretrained`` folder) gives one feature per image (CLS + mean of patch tokens). The
-training labels are **pseudo-labels** (k-means concepts of the training-pool features: no digit labels are used);
-prompts are bursty / N-way / retrieval mixes with symbols re-drawn per prompt.
+Data: scikit-learn's 8x8 handwritten digits (shipped in the wheel). Digits ``train_classes`` are the training pool,
+the others are held out. Features (``model.features``) are the raw pixels (default) or a frozen tiny genvis ViT's
+(CLS ; mean patch token) of the digits upsampled to ``image_size`` (``model.encoder``: a
+``VisionTransformerModel.save_pretrained`` folder, else a seeded random ViT); both are standardised with training-pool
+statistics. The training labels are **pseudo-labels** (k-means concepts of the training-pool features: no digit labels
+are used); prompts are bursty / N-way / retrieval mixes with symbols re-drawn per prompt.
 
 Evaluation: N-way K-shot episodes on the held-out digits with symbolic labels, the meta-model vs nearest-class-mean on
 the same features, logged and written to ``<output_dir>/metrics.json``; the meta-model goes to ``<output_dir>/model``.

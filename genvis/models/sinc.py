@@ -7,8 +7,9 @@ re-drawn for every prompt, so the model can only answer by binding the query to 
 classes it has never seen, without gradient updates.
 
 - :class:`SincMetaModel` (diffusers ``ModelMixin``): feature fuser (Linear -> ReLU -> Linear), symbol label table,
-  correlation ("sim") token = Linear(mean_k(x_q * x_k)), a ``transformers`` GPT-2 (tiny config, from scratch) over
-  ``inputs_embeds``, and the GILE head ``score(h, e) = w . [ReLU(W_h h) * ReLU(W_e e)]``. The loss is CE on the query
+  correlation ("sim") token = Linear(mean_k(x_q * x_k)), optional per-demonstration correlation Linear(x_q * x_k),
+  SINC's interleaved ``x_k, y_k`` layout or a fused ``x_k + y_k`` one (learns far faster on CPU), a ``transformers``
+  GPT-2 (tiny config, from scratch) over ``inputs_embeds``, and the GILE head ``score(h, e) = w . [ReLU(W_h h) * ReLU(W_e e)]``. The loss is CE on the query
   position only.
 - :class:`SincPromptBuilder`: prompts from a labelled (or pseudo-labelled) feature store: ``"nway"`` (N classes x
   K/N shots), ``"bursty"`` (mostly the query's class and one other), ``"retrieval"`` (the query's cosine nearest
