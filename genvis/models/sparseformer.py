@@ -377,8 +377,9 @@ class SparseFormerModel(ModelMixin, ConfigMixin):
     def freeze_inherited(self) -> None:
         """Freeze the inherited parameters except the first ``trainable_cortex_layers`` cortex blocks."""
         unlocked = tuple(f"blocks.{i}." for i in range(self.config.trainable_cortex_layers))
+        inherited = set(self.inherited_parameter_names())
         for name, param in self.named_parameters():
-            if name in set(self.inherited_parameter_names()):
+            if name in inherited:
                 param.requires_grad_(name.startswith(unlocked))
 
     @classmethod
