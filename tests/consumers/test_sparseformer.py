@@ -179,3 +179,28 @@ def test_49_learned_tokens_recover_the_teacher_better_than_random_or_pooled_toke
     # the teacher's probe works on student features nearly as well as on the teacher's own
     assert after["probe_acc/student"] > after["probe_acc/teacher"] - 0.05, after
     assert F.cosine_similarity(student.roi_embed, roi_init, dim=-1).min() < 1.0
+
+
+def test_training_script_runs_exports_and_resumes(tmp_path):
+    train = _train_module()
+    args = [
+        "--set", f"output_dir={tmp_path}",
+        "--set", "data.image_size=32",
+        "--set", "data.num_train_images=16",
+        "--set", "data.num_eval_images=4",
+        "--set", "data.use_builtin_images=false",
+        "--set", "teacher.steps=3",
+        "--set", "teacher.batch_size=4",
+        "--set", "optim.batch_size=4",
+        "--set", "checkpoint.every_steps=2",
+        "--set", "logging.eval_every_steps=2",
+    ]  # fmt: skip
+    train.main([*args, "--set", "schedule.max_steps=2"])
+    teacher_weights = (tmp_path / "teacher" / "diffusion_pytorch_model.safetensors").read_bytes()
+    train.main([*args, "--set", "schedule.max_steps=4"])  # resumes at step 2 and reuses the saved teacher
+    assert (tmp_path / "teacher" / "diffusion_pytorch_model.safetensors").read_bytes() == teacher_weights
+    student = SparseFormerModel.from_pretrained(tmp_path / "student")
+    assert student.config.num_latent_tokens == 49 and student.config.num_cortex_layers == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))[
+        -1
+    ].endswith("4")
