@@ -3,8 +3,8 @@
 Each axis gets its own slice of the head dimension (``axes_dim``, summing to ``head_dim``); positions come as
 ``(..., n_axes)`` ids, so packed sequences of different grids simply concatenate their ids (see
 :func:`grid_position_ids`). The rotation pairs either the two halves of the head dimension (``interleaved=False``,
-the transformers/Qwen2-VL layout) or neighbouring channels (``interleaved=True``, the complex-number layout used by
-LaVin-DiT and Lumina). Checked by the relative-position test in tests/layers/test_rope.py: the q.k score depends only
+the transformers/Qwen2-VL layout; LaVin-DiT's official code rotates halves within each axis slice, see
+genvis/models/lavin_dit.py) or neighbouring channels (``interleaved=True``, the complex-number layout of Lumina). Checked by the relative-position test in tests/layers/test_rope.py: the q.k score depends only
 on the position difference.
 """
 

@@ -63,6 +63,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _build(annotation, value, where)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-3" (no dot) as a string; accept any float literal Python accepts
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r} (str)") from None
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
@@ -119,7 +125,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         nested: dict = yaml.safe_load(raw) if raw.strip() else None
         for key in reversed(keys):
             nested = {key: nested}
-        _build(cls, _merge(config_to_dict(cls()), nested), f"--set {dotted}")
+        try:
+            _build(cls, _merge(config_to_dict(cls()), nested), "")
+        except ConfigError as err:
+            raise ConfigError(f"--set {item}: {err}") from None
         data = _merge(data, nested)
     return _build(cls, data, source if not overrides else f"{source} + --set")
 

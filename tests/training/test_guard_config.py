@@ -67,7 +67,10 @@ def test_config_strict_loading(tmp_path):
         load_config(Cfg, path)
     with pytest.raises(ConfigError, match=r"preset: expected one of \['tiny', 'big'\], got 'huge'"):
         load_config(Cfg, None, ["preset=huge"])
-    with pytest.raises(ConfigError, match=r"steps: expected int, got 'ten'"):
+    with pytest.raises(ConfigError, match=r"^--set steps=ten: steps: expected int, got 'ten'"):
         load_config(Cfg, None, ["steps=ten"])
+    assert load_config(Cfg, None, ["optim.lr=2e-3"]).optim.lr == 2e-3  # YAML 1.1 reads this as a string
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got 'fast'"):
+        load_config(Cfg, None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(Cfg, tmp_path / "missing.yaml")
