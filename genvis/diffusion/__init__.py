@@ -33,3 +33,23 @@ __all__ = [
     "sigma_to_lavin_time",
     "vae_compression",
 ]
+
+# Other families load on first use, so importing one model does not import (and pay for) all of them.
+_LAZY = {
+    "DDPMHybridLoss": "genvis.diffusion.ddpm",
+    "DDPMObjective": "genvis.diffusion.ddpm",
+    "make_ddpm_scheduler": "genvis.diffusion.ddpm",
+    "TextToVideoLoss": "genvis.diffusion.text_to_video",
+    "TextToVideoObjective": "genvis.diffusion.text_to_video",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += list(_LAZY)

@@ -11,3 +11,21 @@ __all__ = [
     "evaluate_in_context",
     "psnr",
 ]
+
+# Other families load on first use, so importing one model does not import (and pay for) all of them.
+_LAZY = {
+    "MVDiTPipeline": "genvis.pipelines.pipeline_mvdit",
+    "MVDiTPipelineOutput": "genvis.pipelines.pipeline_mvdit",
+    "export_video": "genvis.pipelines.pipeline_mvdit",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += list(_LAZY)
