@@ -55,9 +55,9 @@ def main() -> None:
     block = Block(args.width, args.heads)
     attn = block.attn
     variants = {
-        "packed (per-segment SDPA)": (tokens, dict(cu_seqlens=cu)),
-        "padded + key mask": (padded, dict(attn_mask=mask)),
-        "packed + dense block mask": (tokens[None], dict(attn_mask=dense_mask)),
+        "packed (per-segment SDPA)": (tokens, {"cu_seqlens": cu}),
+        "padded + key mask": (padded, {"attn_mask": mask}),
+        "packed + dense block mask": (tokens[None], {"attn_mask": dense_mask}),
     }
 
     # correctness first: all three agree on the real tokens
