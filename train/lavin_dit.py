@@ -35,6 +35,7 @@ from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
 from genvis.pipelines import LaVinDiTPipeline, episode_grid_row, evaluate_in_context
 from genvis.tasks import TaskMixture, collate_episodes, get_task, list_tasks, sample_episode
 from genvis.training import (
+    CheckpointConfig,
     CheckpointManager,
     NonFiniteGuard,
     add_config_arguments,
@@ -106,13 +107,6 @@ class OptimConfig:
 class ScheduleConfig:
     max_steps: int = 300
     batch_size: int = 16  # global: split evenly over processes
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 100
-    total_limit: int = 2
-    resume: bool = True
 
 
 @dataclass

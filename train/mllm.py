@@ -7,7 +7,7 @@ Data (built in, exact labels): procedural scenes and clips from ``genvis.data`` 
 answer is only in the pixels: "what colour is the shape?" (one-shape images), "how many shapes?" (1-3 shapes) and,
 for clips, "which way does the shape move?" (needs the chunk order). Loss: next-token CE on the answer (+ EOS) only.
 
-Every ``checkpoint.every`` steps an atomic checkpoint is written (``genvis.training.CheckpointManager``) with a
+Every ``checkpoint.every_steps`` steps an atomic checkpoint is written (``genvis.training.CheckpointManager``) with a
 ``save_pretrained`` export; a run resumes from the latest complete one. At the end the answer accuracy (greedy
 decoding, exact match) is measured with the real images and with blank images, on the training questions and on
 held-out ones, logged and written to ``<output_dir>/metrics.json``; the model goes to ``<output_dir>/model``.
@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from genvis.data import procedural_scene, procedural_video
 from genvis.models.vision_tower import VisionLanguageModel, VisionLanguageProcessor, tiny_text_config
 from genvis.training import (
+    CheckpointConfig,
     CheckpointManager,
     NonFiniteGuard,
     add_config_arguments,
@@ -76,12 +77,6 @@ class ScheduleConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    every: int = 50
-    total_limit: int = 2
-
-
-@dataclass
 class LoggingConfig:
     every: int = 10
     tracker: str | None = "tensorboard"
@@ -95,7 +90,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=50))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -202,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     def export(folder: Path) -> None:
         acc.unwrap_model(model).save_pretrained(folder / "model")
 
-    ckpt.resume()
+    if config.checkpoint.resume:
+        ckpt.resume()
     bar = progress_bar(acc, config.schedule.max_steps, ckpt.state.step)
     rank, world = acc.process_index, acc.num_processes
     started = time.perf_counter()
@@ -233,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
                 {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": rate},
                 step=ckpt.state.step,
             )
-        if ckpt.state.step % config.checkpoint.every == 0:
+        if ckpt.state.step % config.checkpoint.every_steps == 0:
             ckpt.save(extra_marker={"config": config_to_dict(config)}, export_fn=export)
     bar.close()
 

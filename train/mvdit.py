@@ -41,6 +41,7 @@ from genvis.pipelines.pipeline_mvdit import (
 )
 from genvis.text import encode_prompts, load_text_encoder, text_embed_dim
 from genvis.training import (
+    CheckpointConfig,
     CheckpointManager,
     NonFiniteGuard,
     add_config_arguments,
@@ -127,13 +128,6 @@ class EmaConfig:
 @dataclass
 class ScheduleConfig:
     max_steps: int = 200
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 100
-    total_limit: int = 2
-    resume: bool = True
 
 
 @dataclass

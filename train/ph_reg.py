@@ -37,6 +37,7 @@ from genvis.encoders.ph_reg import (
     unlock_ph_reg_parameters,
 )
 from genvis.training import (
+    CheckpointConfig,
     CheckpointManager,
     NonFiniteGuard,
     add_config_arguments,
@@ -83,12 +84,6 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     max_steps: int = 200
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 100
-    total_limit: int = 2
 
 
 @dataclass
@@ -184,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     # white is the fill value of uncovered pixels in the official recipe; our images are in [-1, 1]
     fill_value = 1.0
     manager = CheckpointManager(accelerator, Path(config.output_dir) / "checkpoints", config.checkpoint.total_limit)
-    manager.resume()
+    if config.checkpoint.resume:
+        manager.resume()
     state = manager.state
     guard = NonFiniteGuard(accelerator)
 

@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from genvis.encoders import VisionTransformerModel
 from genvis.models.sinc import SINC_PRESETS, SincMetaModel, SincPromptBuilder, nearest_class_mean, pseudo_labels
 from genvis.training import (
+    CheckpointConfig,
     CheckpointManager,
     NonFiniteGuard,
     add_config_arguments,
@@ -82,12 +83,6 @@ class ScheduleConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    every: int = 200
-    total_limit: int = 2
-
-
-@dataclass
 class EvalConfig:
     episodes: int = 2000
 
@@ -107,7 +102,7 @@ class TrainConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=200))
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -216,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     def export(folder: Path) -> None:
         acc.unwrap_model(model).save_pretrained(folder / "model")
 
-    ckpt.resume()
+    if config.checkpoint.resume:
+        ckpt.resume()
     bar = progress_bar(acc, config.schedule.max_steps, ckpt.state.step)
     per_rank = config.optim.batch_size // acc.num_processes
     while ckpt.state.step < config.schedule.max_steps:
@@ -245,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             mean_loss = acc.reduce(loss.detach(), reduction="mean").item()
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             acc.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=ckpt.state.step)
-        if ckpt.state.step % config.checkpoint.every == 0:
+        if ckpt.state.step % config.checkpoint.every_steps == 0:
             ckpt.save(extra_marker={"config": config_to_dict(config)}, export_fn=export)
     bar.close()
 

@@ -34,6 +34,7 @@ from genvis.data.builtin import SHAPE_COLORS, SHAPE_KINDS, builtin_images, proce
 from genvis.encoders import VisionTransformerModel
 from genvis.models.sparseformer import SparseFormerModel, sparseformer_alignment_loss, token_subset_baseline
 from genvis.training import (
+    CheckpointConfig,
     CheckpointManager,
     NonFiniteGuard,
     add_config_arguments,
@@ -99,12 +100,6 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     max_steps: int = 150
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 100
-    total_limit: int = 2
 
 
 @dataclass
@@ -304,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
 
     manager = CheckpointManager(accelerator, Path(config.output_dir) / "checkpoints", config.checkpoint.total_limit)
-    manager.resume()
+    if config.checkpoint.resume:
+        manager.resume()
     state = manager.state
     guard = NonFiniteGuard(accelerator)
 

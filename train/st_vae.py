@@ -27,6 +27,7 @@ from diffusers.optimization import get_scheduler
 from genvis.tasks import SourceDataset
 from genvis.tasks.ops import down_up
 from genvis.training import (
+    CheckpointConfig,
     CheckpointManager,
     NonFiniteGuard,
     add_config_arguments,
@@ -100,13 +101,6 @@ class ScheduleConfig:
     # Stop (with a checkpoint) at this step without changing the LR schedule, e.g. a time-boxed job that a later run
     # resumes; 0 = run to max_steps. Changing max_steps instead would change the cosine schedule.
     stop_at_step: int = 0
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 100
-    total_limit: int = 2
-    resume: bool = True
 
 
 @dataclass

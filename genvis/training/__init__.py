@@ -8,13 +8,21 @@ from genvis.training.checkpointing import (
     find_latest_checkpoint,
     verify_checkpoint,
 )
-from genvis.training.config import ConfigError, add_config_arguments, config_from_args, config_to_dict, load_config
+from genvis.training.config import (
+    CheckpointConfig,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    config_to_dict,
+    load_config,
+)
 from genvis.training.ema import create_ema
 from genvis.training.guard import NonFiniteGuard, NonFiniteLossError
 from genvis.training.logging import log_image_grid, make_grid, to_pil
 from genvis.training.setup import flatten_for_tracker, progress_bar, setup_accelerator
 
 __all__ = [
+    "CheckpointConfig",
     "CheckpointError",
     "CheckpointManager",
     "ConfigError",

@@ -16,13 +16,35 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "add_config_arguments", "config_from_args", "config_to_dict", "load_config"]
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "add_config_arguments",
+    "config_from_args",
+    "config_to_dict",
+    "load_config",
+]
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A preset or override does not fit the config dataclass."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """The ``checkpoint:`` section every ``train/<family>.py`` config shares.
+
+    Args:
+        every_steps: save an atomic checkpoint every this many optimizer steps.
+        total_limit: complete checkpoints kept (older ones are pruned after a successful save).
+        resume: continue from the newest complete checkpoint under ``<output_dir>/checkpoints`` when one exists.
+    """
+
+    every_steps: int = 100
+    total_limit: int = 2
+    resume: bool = True
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

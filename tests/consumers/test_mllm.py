@@ -198,7 +198,7 @@ def test_train_script_checkpoints_and_resumes(tmp_path):
         "--set=data.num_train=4",
         "--set=data.num_eval=2",
         "--set=optim.batch_size=2",
-        "--set=checkpoint.every=2",
+        "--set=checkpoint.every_steps=2",
         "--set=logging.every=1",
         "--set=model.lora=true",
     ]

@@ -159,7 +159,7 @@ def test_self_supervised_training_gives_few_shot_on_held_out_digits(tmp_path):
         "optim.lr": 0.002,
         "schedule.max_steps": 120,
         "eval.episodes": 1000,
-        "checkpoint.every": 1000,
+        "checkpoint.every_steps": 1000,
         "logging.tracker": "null",
     }
     metrics = _script_main()([item for k, v in settings.items() for item in ("--set", f"{k}={v}")])
