@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -212,6 +214,79 @@ class ProceduralVideo:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class VideoAttributes(NamedTuple):
+    """What a one-shape procedural clip's caption says: the generator's own vocabulary (``BACKGROUND_COLORS``,
+    ``SHAPE_COLORS``, ``SHAPE_KINDS``, ``MOTIONS`` names). Fields are None where a reader could not tell."""
+
+    background: str | None
+    color: str | None
+    kind: str | None
+    motion: str | None
+
+    def check(self) -> None:
+        """Raise naming the field when a value is not in the generator's vocabulary."""
+        for name, value, options in zip(self._fields, self, ATTRIBUTE_OPTIONS.values(), strict=True):
+            if value not in options:
+                raise ValueError(f"attributes.{name}: expected one of {list(options)}, got {value!r}")
+
+    def caption(self) -> str:
+        """The caption ``procedural_video`` writes for this one-shape, static-camera clip."""
+        self.check()
+        return (
+            f"{_article(self.color)} {self.color} {self.kind} moves {self.motion} "
+            f"over {_article(self.background)} {self.background} background"
+        )
+
+
+# Every attribute's vocabulary, in VideoAttributes field order.
+ATTRIBUTE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "background": tuple(BACKGROUND_COLORS),
+    "color": tuple(SHAPE_COLORS),
+    "kind": SHAPE_KINDS,
+    "motion": tuple(name for name, _ in MOTIONS),
+}
+
+
+def attribute_combinations(
+    backgrounds: list[str] | tuple[str, ...] | None = None,
+    colors: list[str] | tuple[str, ...] | None = None,
+    kinds: list[str] | tuple[str, ...] | None = None,
+    motions: list[str] | tuple[str, ...] | None = None,
+    num_held_out: int = 0,
+    seed: int = 0,
+) -> tuple[list[VideoAttributes], list[VideoAttributes]]:
+    """All (background, colour, kind, motion) combinations of the given values (None = the whole vocabulary), split
+    into (train, held-out) with ``num_held_out`` combinations held out at random (seeded).
+
+    Every single value and every pair of values of a held-out combination also occurs in some training combination,
+    so a held-out caption is a new *combination* of known words (checked; raises when the split cannot ensure it).
+    """
+    values = []
+    for (name, options), given in zip(ATTRIBUTE_OPTIONS.items(), (backgrounds, colors, kinds, motions), strict=True):
+        chosen = tuple(options) if given is None else tuple(given)
+        if not chosen:
+            raise ValueError(f"{name}s: expected at least one value, got an empty list")
+        unknown = [value for value in chosen if value not in options]
+        if unknown or len(set(chosen)) != len(chosen):
+            raise ValueError(f"{name}s: expected distinct values from {list(options)}, got {list(chosen)}")
+        values.append(chosen)
+    combos = [VideoAttributes(*combo) for combo in itertools.product(*values)]
+    if not 0 <= num_held_out < len(combos):
+        raise ValueError(f"num_held_out: expected 0 <= n < {len(combos)} combinations, got {num_held_out}")
+    order = np.random.default_rng(seed).permutation(len(combos))
+    held_out = [combos[i] for i in sorted(order[:num_held_out])]
+    train = [combos[i] for i in sorted(order[num_held_out:])]
+    seen_pairs = {(i, j, a[i], a[j]) for a in train for i in range(4) for j in range(i + 1, 4)}
+    for combo in held_out:
+        missing = [(i, j) for i in range(4) for j in range(i + 1, 4) if (i, j, combo[i], combo[j]) not in seen_pairs]
+        if missing:
+            raise ValueError(
+                f"num_held_out: {num_held_out} held-out combinations leave the pair {missing[0]} of {combo} unseen in "
+                "training; hold out fewer or use more values"
+            )
+    return train, held_out
+
+
 def _rng(rng_or_seed: np.random.Generator | int) -> np.random.Generator:
     return rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
 
@@ -263,12 +338,16 @@ def _compose(
 
 
 def _random_shapes(
-    rng: np.random.Generator, size: int, count: int, margin_fraction: float = 0.0
+    rng: np.random.Generator,
+    size: int,
+    count: int,
+    margin_fraction: float = 0.0,
+    radius_range: tuple[float, float] = (0.1, 0.18),
 ) -> list[ProceduralShape]:
     shapes = []
     colors = rng.permutation(list(SHAPE_COLORS))
     for layer in range(1, count + 1):
-        radius = float(rng.uniform(0.1, 0.18) * size)
+        radius = float(rng.uniform(*radius_range) * size)
         low, high = radius + margin_fraction * size, size - radius - margin_fraction * size
         center = (float(rng.uniform(low, high)), float(rng.uniform(low, high)))
         kind = str(SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))])
@@ -302,19 +381,30 @@ def procedural_video(
     size: int = 64,
     num_shapes: tuple[int, int] = (1, 2),
     camera_pan_probability: float = 0.25,
+    attributes: VideoAttributes | None = None,
+    radius_range: tuple[float, float] = (0.1, 0.18),
 ) -> ProceduralVideo:
     """Shapes moving in straight lines over a textured background, with an exact caption.
 
     Each shape travels along one axis (``left to right``, ``right to left``, ``top to bottom`` or ``bottom to top``)
     by about half the frame. With probability ``camera_pan_probability`` the background also slides horizontally,
     labelled ``pan_left``/``pan_right`` (the scene content moves the other way), as OpenVid's camera-motion column.
+    ``attributes`` fixes a one-shape clip's background, shape colour, kind and motion (position, size and texture
+    stay random); ``num_shapes`` must then be ``(1, 1)``. ``radius_range``: shape radius as fractions of ``size``.
     """
     if num_frames < 2:
         raise ValueError(f"num_frames: expected >= 2 (a video), got {num_frames}")
     if size < 16 or size % 2:
         raise ValueError(f"size: expected an even int >= 16 (yuv420p needs even sizes), got {size}")
+    if not 0 < radius_range[0] <= radius_range[1] <= 0.3:
+        raise ValueError(f"radius_range: expected 0 < low <= high <= 0.3 (fractions of size), got {radius_range}")
+    if attributes is not None:
+        attributes.check()
+        if tuple(num_shapes) != (1, 1):
+            raise ValueError(f"num_shapes: attributes describe one shape, expected (1, 1), got {num_shapes}")
     rng = _rng(rng_or_seed)
     background_name = str(rng.choice(list(BACKGROUND_COLORS)))
+    background_name = attributes.background if attributes is not None else background_name
     pan = rng.random() < camera_pan_probability
     pan_sign = int(rng.choice([-1, 1])) if pan else 0
     travel = 0.5 * size
@@ -322,10 +412,14 @@ def procedural_video(
     # A wider background canvas to slide over when the camera pans.
     canvas = _textured_background(rng, size, size + pan_pixels, background_name)
     count = int(rng.integers(num_shapes[0], num_shapes[1] + 1))
-    shapes = _random_shapes(rng, size, count)
+    shapes = _random_shapes(rng, size, count, radius_range=radius_range)
+    if attributes is not None:
+        shapes = [replace(shapes[0], kind=attributes.kind, color=attributes.color)]
     motions, paths = [], []
     for shape in shapes:
         name, (dx, dy) = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        if attributes is not None:
+            name, (dx, dy) = attributes.motion, dict(MOTIONS)[attributes.motion]
         # Start far enough from the edge that the whole trajectory stays inside the frame.
         low, high = shape.radius, size - shape.radius
         span = min(travel, high - low)
@@ -403,20 +497,37 @@ def write_procedural_dataset(
     size: int = 64,
     seed: int = 0,
     fps: float = 8.0,
+    attributes: list[VideoAttributes] | None = None,
+    radius_range: tuple[float, float] = (0.1, 0.18),
 ) -> Path:
     """Write ``root/videos/proc_{i:05d}.mp4`` and ``root/openvid.csv`` (exact OpenVid-1M header) and return the CSV.
 
-    Scores come from ``clip_scores``; ``frame``/``fps``/``seconds`` describe the written mp4.
+    Scores come from ``clip_scores``; ``frame``/``fps``/``seconds`` describe the written mp4. With ``attributes``, one
+    one-shape, static-camera clip per entry (``num_videos`` is then ignored), e.g. the training combinations of
+    ``attribute_combinations``. ``radius_range``: shape radius as fractions of ``size``.
     """
-    if num_videos < 1:
+    if attributes is not None and not attributes:
+        raise ValueError("attributes: expected at least one combination, got an empty list")
+    if attributes is None and num_videos < 1:
         raise ValueError(f"num_videos: expected >= 1, got {num_videos}")
     root = Path(root)
     video_dir = root / "videos"
     video_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
-    for index in range(num_videos):
-        video = procedural_video(rng, num_frames=num_frames, size=size)
+    for index in range(num_videos if attributes is None else len(attributes)):
+        if attributes is None:
+            video = procedural_video(rng, num_frames=num_frames, size=size, radius_range=radius_range)
+        else:
+            video = procedural_video(
+                rng,
+                num_frames,
+                size,
+                num_shapes=(1, 1),
+                camera_pan_probability=0.0,
+                attributes=attributes[index],
+                radius_range=radius_range,
+            )
         name = f"proc_{index:05d}.mp4"
         write_mp4(video_dir / name, video.frames, fps=fps)
         scores = clip_scores(video.frames)
