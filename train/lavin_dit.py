@@ -30,17 +30,21 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Sampler
 
-from genvis.diffusion import RectifiedFlow, encode_episodes, sample_generators
+from genvis.diffusion import RectifiedFlow, encode_episodes, sample_generators, vae_compression
 from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
-from genvis.pipelines import LaVinDiTPipeline, episode_grid_row, evaluate_in_context
+from genvis.models.lavin_dit import LAVIN_DIT_PRESETS
+from genvis.pipelines import LaVinDiTPipeline, episode_grid_row, evaluate_in_context, evaluate_reliance
 from genvis.tasks import TaskMixture, collate_episodes, get_task, list_tasks, sample_episode
 from genvis.training import (
     CheckpointConfig,
     CheckpointManager,
+    EMAConfig,
     NonFiniteGuard,
     add_config_arguments,
     config_from_args,
     config_to_dict,
+    create_ema,
+    ema_weights,
     log_image_grid,
     progress_bar,
     setup_accelerator,
@@ -60,6 +64,11 @@ class ModelConfig:
     num_attention_heads: int | None = None
     num_kv_heads: int | None = None
     attention_head_dim: int | None = None
+    rope_theta: float | None = None
+    # genvis options for small budgets (README "Why the tiny model learns"); false / "velocity" = the official J-DiT
+    query_skip: bool = True  # each target token also sees its query patch (zero-init linear)
+    context_summary: bool = True  # task vector from the context pairs, added to the timestep vector
+    prediction_type: str = "query_residual"  # "velocity" (official) | "sample" | "query_residual"
     gradient_checkpointing: bool = False
 
 
@@ -75,7 +84,7 @@ class VAEConfig:
 class DataConfig:
     tasks: list[str] | None = None  # None: every task of `kinds`
     kinds: list[str] = field(default_factory=lambda: ["image"])
-    num_pairs: list[int] = field(default_factory=lambda: [1, 3])  # inclusive range per episode
+    num_pairs: list[int] = field(default_factory=lambda: [1, 2])  # inclusive range per episode
     size: int = 32
     video_frames: int | None = None  # None keeps the tasks' default (5 = 1 + 4k)
     num_workers: int = 1
@@ -89,23 +98,24 @@ class FlowConfig:
     shift: float = 1.0
     l1_weight: float = 0.1
     context_dropout: float = 0.1  # unpublished; needed for the zero-frame CFG branch
+    loss_weighting: str = "sample"  # the loss on the implied clean latents; "velocity": official
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # "adamw" | "sgd_sai" (genvis.training.optim; SGD-SaI wants a far smaller lr)
     momentum: float = 0.9  # sgd_sai only
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
     lr_scheduler: str = "constant_with_warmup"
-    warmup_steps: int = 20
+    warmup_steps: int = 50
 
 
 @dataclass
 class ScheduleConfig:
-    max_steps: int = 300
+    max_steps: int = 1500
     batch_size: int = 16  # global: split evenly over processes
 
 
@@ -117,12 +127,14 @@ class LoggingConfig:
 
 @dataclass
 class SamplingConfig:
-    every_steps: int = 150  # also at the end; 0 = only at the end
-    episodes_per_task: int = 2
+    every_steps: int = 500  # also at the end; 0 = only at the end
+    episodes_per_task: int = 3  # >= 2 for the query-reliance score
     num_pairs: int = 2
-    num_inference_steps: int = 10
+    time_grid: str | None = "lavin-20"  # official grids: lavin-20 | lavin-30 | lavin-40; null: uniform steps
+    num_inference_steps: int | None = None  # uniform grid (only with time_grid: null)
     guidance_scale: float = 1.5
     split: str = "test"  # held-out sources
+    reliance: bool = True  # at the end: context / query reliance (one more answer per episode)
 
 
 @dataclass
@@ -139,7 +151,8 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(enabled=True, decay=0.995))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=500, total_limit=2))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     repa: REPAOptions = field(default_factory=REPAOptions)  # README "Efficiency: REPA alignment, SGD-SaI, LoRA"
@@ -187,6 +200,33 @@ def evaluation_episodes(cfg: TrainConfig, tasks: list[str]) -> list:
     ]  # fmt: skip
 
 
+def check_config(cfg: TrainConfig, vae) -> list[str]:
+    """Fail at start-up, naming the field, on a config that cannot train or be scored; returns the task list."""
+    tasks = cfg.data.tasks or [name for kind in cfg.data.kinds for name in list_tasks(kind)]
+    if not tasks:
+        raise ValueError(f"data.tasks / data.kinds: no task left (tasks={cfg.data.tasks}, kinds={cfg.data.kinds}); "
+                         f"expected names from {list_tasks()}")  # fmt: skip
+    for name in tasks:
+        get_task(name)  # unknown names raise, listing the registered ones
+    _, spatial = vae_compression(vae)
+    patch = LAVIN_DIT_PRESETS.get(cfg.model.preset, {}).get("patch_size", 2)
+    multiple = spatial * patch
+    if cfg.data.size % multiple:
+        raise ValueError(f"data.size: {cfg.data.size} px is not divisible by the VAE x patch grid ({spatial} x {patch} "
+                         f"= {multiple}); use a multiple of {multiple}")  # fmt: skip
+    low, high = cfg.data.num_pairs
+    if not 1 <= low <= high:
+        raise ValueError(f"data.num_pairs: expected [low, high] with 1 <= low <= high, got {cfg.data.num_pairs}")
+    if cfg.sampling.reliance and cfg.sampling.episodes_per_task < 2:
+        raise ValueError(f"sampling.episodes_per_task: the reliance scores need >= 2, got "
+                         f"{cfg.sampling.episodes_per_task} (or set sampling.reliance: false)")  # fmt: skip
+    if cfg.sampling.reliance and len(tasks) < 2:
+        raise ValueError(f"sampling.reliance: context reliance needs >= 2 tasks, got {tasks}")
+    if cfg.sampling.time_grid is not None and cfg.sampling.num_inference_steps is not None:
+        raise ValueError("sampling.time_grid and sampling.num_inference_steps: set one (the other to null)")
+    return tasks
+
+
 def main() -> None:
     import argparse
 
@@ -206,6 +246,7 @@ def main() -> None:
 
     # 1. VAE (frozen), J-DiT, optimiser, LR schedule
     vae = build_vae(cfg.vae).to(accelerator.device).requires_grad_(False).eval()
+    tasks = check_config(cfg, vae)
     overrides = {
         k: v
         for k, v in config_to_dict(cfg.model).items()
@@ -224,6 +265,7 @@ def main() -> None:
     if repa is not None:
         repa.encoder.to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = create_ema(model, accelerator, decay=cfg.ema.decay) if cfg.ema.enabled else None
     trainable += list(repa.projector.parameters()) if repa is not None else []
     optimizer = build_optimizer(cfg.optim.name, trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 betas=cfg.optim.betas, momentum=cfg.optim.momentum)  # fmt: skip
@@ -236,7 +278,7 @@ def main() -> None:
     # stepped once per optimizer step on every rank (a prepared scheduler steps num_processes times)
     accelerator.register_for_checkpointing(lr_scheduler)
     flow = RectifiedFlow(cfg.flow.logit_mean, cfg.flow.logit_std, cfg.flow.shift, cfg.flow.l1_weight,
-                         cfg.flow.context_dropout)  # fmt: skip
+                         cfg.flow.context_dropout, cfg.flow.loss_weighting)  # fmt: skip
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
 
     def make_pipeline() -> LaVinDiTPipeline:
@@ -252,7 +294,6 @@ def main() -> None:
             handle.write(json.dumps({"resumed_from": str(resumed), "step": ckpt.state.step}) + "\n")
 
     # 2. data: the step fixes the indices, so a resumed run replays the same order
-    tasks = cfg.data.tasks or [name for kind in cfg.data.kinds for name in list_tasks(kind)]
     mixture = TaskMixture(tasks=tasks, num_pairs=tuple(cfg.data.num_pairs), size=cfg.data.size,
                           length=max(1, cfg.schedule.max_steps * cfg.schedule.batch_size), seed=cfg.data.seed,
                           num_frames=cfg.data.video_frames)  # fmt: skip
@@ -262,13 +303,18 @@ def main() -> None:
                         num_workers=cfg.data.num_workers, persistent_workers=False)  # fmt: skip
     eval_episodes = evaluation_episodes(cfg, tasks)
 
-    def sample_and_log(step: int) -> None:
+    sampling = {"num_inference_steps": cfg.sampling.num_inference_steps, "time_grid": cfg.sampling.time_grid,
+                "guidance_scale": cfg.sampling.guidance_scale, "seed": cfg.seed}  # fmt: skip
+
+    def sample_and_log(step: int, final: bool = False) -> None:
         if accelerator.is_main_process and eval_episodes:
             model.eval()
-            scores, predictions = evaluate_in_context(
-                make_pipeline(), eval_episodes, num_inference_steps=cfg.sampling.num_inference_steps,
-                guidance_scale=cfg.sampling.guidance_scale, seed=cfg.seed, return_predictions=True,
-            )  # fmt: skip
+            with ema_weights(ema, accelerator.unwrap_model(model)):
+                pipe = make_pipeline()
+                scores, predictions = evaluate_in_context(pipe, eval_episodes, return_predictions=True, **sampling)
+                reliance = None
+                if final and cfg.sampling.reliance:
+                    reliance = evaluate_reliance(pipe, eval_episodes, predictions, **sampling)
             model.train()
             rows = [episode_grid_row(ep, pred) for ep, pred in zip(eval_episodes, predictions)]
             log_image_grid(accelerator, "in_context", rows, step, out)
@@ -278,15 +324,23 @@ def main() -> None:
                 if s.iou is not None:
                     metrics.update({f"eval/{task}/iou": s.iou, f"eval/{task}/iou_copy": s.iou_copy})
             metrics["eval/tasks_beating_copy"] = sum(s.beats_copy for s in scores.values())
+            summary = {"step": step}
+            if reliance is not None:
+                metrics.update(
+                    {"eval/context_reliance": reliance.context_rate, "eval/query_reliance": reliance.query_rate}
+                )
+                summary.update(context_reliance=reliance.context_rate, query_reliance=reliance.query_rate,
+                               reliance_per_task=reliance.per_task)  # fmt: skip
             accelerator.log(metrics, step=step)
             report = {task: vars(s) | {"beats_copy": s.beats_copy} for task, s in scores.items()}
-            (out / "eval.json").write_text(json.dumps({"step": step, "tasks": report}, indent=1))
+            (out / "eval.json").write_text(json.dumps(summary | {"tasks": report}, indent=1))
             logger.info(f"step {step}: {metrics['eval/tasks_beating_copy']}/{len(scores)} tasks beat copy-the-input",
                         main_process_only=True)  # fmt: skip
         accelerator.wait_for_everyone()
 
     def export(folder: Path) -> None:
-        make_pipeline().save_pretrained(folder / "pipeline")
+        with ema_weights(ema, accelerator.unwrap_model(model)):
+            make_pipeline().save_pretrained(folder / "pipeline")
         if lora_config is not None:
             save_lora(accelerator.unwrap_model(model), folder / "lora", lora_config)
 
@@ -312,6 +366,8 @@ def main() -> None:
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
         if guard.check(loss, grad_norm, step=step):
             optimizer.step()
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
         else:
             ckpt.state.skipped_steps += 1
         lr_scheduler.step()
@@ -341,8 +397,8 @@ def main() -> None:
             ckpt.save(extra_marker={"config": config_to_dict(cfg)}, export_fn=export)
     bar.close()
 
-    # 4. final samples and the exported pipeline
-    sample_and_log(ckpt.state.step)
+    # 4. final samples (+ reliance scores) and the exported pipeline
+    sample_and_log(ckpt.state.step, final=True)
     if accelerator.is_main_process:
         export(out)
         logger.info(f"exported {out / 'pipeline'}", main_process_only=True)

@@ -2,12 +2,15 @@
 
 from genvis.diffusion.in_context import InContextLatents, decode_clips, encode_clips, encode_episodes, vae_compression
 from genvis.diffusion.rectified_flow import (
+    DEFAULT_TIME_GRID,
     LAVIN_DIT_TIME_GRID_20,
+    LAVIN_DIT_TIME_GRIDS,
     RectifiedFlow,
     RectifiedFlowLoss,
     drop_context,
     flow_matching_loss,
     interpolate,
+    lavin_time_grid_sigmas,
     lavin_time_to_sigma,
     sample_generators,
     sample_logit_normal,
@@ -16,6 +19,8 @@ from genvis.diffusion.rectified_flow import (
 )
 
 __all__ = [
+    "DEFAULT_TIME_GRID",
+    "LAVIN_DIT_TIME_GRIDS",
     "LAVIN_DIT_TIME_GRID_20",
     "InContextLatents",
     "RectifiedFlow",
@@ -26,6 +31,7 @@ __all__ = [
     "encode_episodes",
     "flow_matching_loss",
     "interpolate",
+    "lavin_time_grid_sigmas",
     "lavin_time_to_sigma",
     "sample_generators",
     "sample_logit_normal",

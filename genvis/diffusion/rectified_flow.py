@@ -26,12 +26,17 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "DEFAULT_TIME_GRID",
+    "LAVIN_DIT_TIME_GRIDS",
     "LAVIN_DIT_TIME_GRID_20",
+    "LAVIN_DIT_TIME_GRID_30",
+    "LAVIN_DIT_TIME_GRID_40",
     "RectifiedFlow",
     "RectifiedFlowLoss",
     "drop_context",
     "flow_matching_loss",
     "interpolate",
+    "lavin_time_grid_sigmas",
     "lavin_time_to_sigma",
     "sample_generators",
     "sample_logit_normal",
@@ -39,11 +44,41 @@ __all__ = [
     "sigma_to_lavin_time",
 ]
 
-# The official 20-point Euler grid (half the points uniform on the noisy end [0, 0.05]); spec §1.7.
+# The official Euler time grids (``lib/transport/integrators.py``, spec §1.7): half the points uniform on the noisy
+# end [0, 0.05], the rest with linearly growing steps up to 1. Only 20, 30 and 40 points exist.
 LAVIN_DIT_TIME_GRID_20: tuple[float, ...] = (
     0.0, 0.0056, 0.0111, 0.0167, 0.0222, 0.0278, 0.0333, 0.0389, 0.0444, 0.0500,
     0.0524, 0.0730, 0.1148, 0.1777, 0.2618, 0.3671, 0.4936, 0.6412, 0.8100, 1.0,
 )  # fmt: skip
+LAVIN_DIT_TIME_GRID_30: tuple[float, ...] = (
+    0.0, 0.0036, 0.0071, 0.0107, 0.0143, 0.0179, 0.0214, 0.0250, 0.0286, 0.0321, 0.0357, 0.0393, 0.0429, 0.0464,
+    0.0500, 0.0511, 0.0600, 0.0779, 0.1049, 0.1410, 0.1862, 0.2403, 0.3036, 0.3759, 0.4573, 0.5477, 0.6472, 0.7557,
+    0.8733, 1.0,
+)  # fmt: skip
+LAVIN_DIT_TIME_GRID_40: tuple[float, ...] = (
+    0.0, 0.0026, 0.0053, 0.0079, 0.0105, 0.0132, 0.0158, 0.0184, 0.0211, 0.0237, 0.0263, 0.0289, 0.0316, 0.0342,
+    0.0368, 0.0395, 0.0421, 0.0447, 0.0474, 0.0500, 0.0506, 0.0555, 0.0655, 0.0804, 0.1004, 0.1253, 0.1553, 0.1902,
+    0.2302, 0.2752, 0.3251, 0.3801, 0.4401, 0.5051, 0.5750, 0.6500, 0.7300, 0.8150, 0.9050, 1.0,
+)  # fmt: skip
+LAVIN_DIT_TIME_GRIDS: dict[str, tuple[float, ...]] = {
+    "lavin-20": LAVIN_DIT_TIME_GRID_20,
+    "lavin-30": LAVIN_DIT_TIME_GRID_30,
+    "lavin-40": LAVIN_DIT_TIME_GRID_40,
+}
+DEFAULT_TIME_GRID = "lavin-20"  # the official inference default (``--timesteps 20``)
+
+
+def lavin_time_grid_sigmas(name: str) -> list[float]:
+    """diffusers sigmas (1 = noise) of a named official grid, without the final 0 (the scheduler appends it).
+
+    ``lavin-20`` gives 19 Euler steps, ``lavin-30`` 29 and ``lavin-40`` 39, as the official sampler.
+    """
+    if name not in LAVIN_DIT_TIME_GRIDS:
+        raise ValueError(f"time_grid must be one of {sorted(LAVIN_DIT_TIME_GRIDS)}, got {name!r}")
+    return [1.0 - t for t in LAVIN_DIT_TIME_GRIDS[name][:-1]]
+
+
+LOSS_WEIGHTINGS = ("velocity", "sample")
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -102,7 +137,11 @@ def interpolate(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tor
 
 
 def flow_matching_loss(
-    prediction: torch.Tensor, target: torch.Tensor, l1_weight: float = 0.1, mask: torch.Tensor | None = None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    l1_weight: float = 0.1,
+    mask: torch.Tensor | None = None,
+    error_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample ``mean((v - u)^2) + l1_weight * mean(|v - u|)`` over all non-batch axes, shape ``(B,)``.
 
@@ -111,10 +150,14 @@ def flow_matching_loss(
         target: velocity target ``data - noise`` of the same shape.
         l1_weight: weight of the L1 term (0.1 in the official loss).
         mask: optional ``(B, ...)`` weights broadcastable to ``prediction`` (1 = counted), e.g. to skip padded frames.
+        error_scale: optional ``(B,)`` factor on each sample's error before squaring, e.g. ``1 - t`` turns the
+            velocity error into the error of the implied clean sample (``RectifiedFlow(loss_weighting="sample")``).
     """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     error = prediction.float() - target.float()
+    if error_scale is not None:
+        error = error * _expand_time(error_scale.float(), error)
     dims = tuple(range(1, error.ndim))
     if mask is None:
         return error.square().mean(dims) + l1_weight * error.abs().mean(dims)
@@ -191,6 +234,9 @@ class RectifiedFlow:
         shift: time shift ``s`` (1 = none, the official default).
         l1_weight: weight of the L1 term added to the MSE (0.1 in the official code).
         context_dropout: probability of replacing a sample's context pairs with a zero frame (for CFG).
+        loss_weighting: ``"velocity"`` (official: the loss on the velocity) or ``"sample"`` (each sample's error times
+            ``1 - t``: the loss on the implied clean latents, which keeps x-prediction heads from being dominated by
+            the ``1 / (1 - t)`` blow-up near t = 1).
     """
 
     def __init__(
@@ -200,7 +246,10 @@ class RectifiedFlow:
         shift: float = 1.0,
         l1_weight: float = 0.1,
         context_dropout: float = 0.1,
+        loss_weighting: str = "velocity",
     ) -> None:
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         if logit_std <= 0:
             raise ValueError(f"logit_std must be positive, got {logit_std}")
         if shift <= 0:
@@ -211,6 +260,11 @@ class RectifiedFlow:
             raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
         self.logit_mean, self.logit_std, self.shift = logit_mean, logit_std, shift
         self.l1_weight, self.context_dropout = l1_weight, context_dropout
+        self.loss_weighting = loss_weighting
+
+    def _error_scale(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        # x_hat - x = (1 - t) (v_hat - v): "sample" weighting scores the implied clean sample
+        return (1 - timesteps) if self.loss_weighting == "sample" else None
 
     def sample_timesteps(self, batch_size: int, generator: Generators = None, device="cpu") -> torch.Tensor:
         return sample_logit_normal(
@@ -267,7 +321,9 @@ class RectifiedFlow:
             noisy = interpolate(target_latents, noise, timesteps)
             velocity = target_latents - noise
             prediction = model(noisy, context_latents, timesteps).sample
-            per_sample = flow_matching_loss(prediction, velocity, self.l1_weight, loss_mask)
+            per_sample = flow_matching_loss(
+                prediction, velocity, self.l1_weight, loss_mask, self._error_scale(timesteps)
+            )
             return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
 
         # per-sample lengths differ (variable shapes or dropped context): run the model on packed samples
@@ -275,13 +331,19 @@ class RectifiedFlow:
         velocity = [x - n for x, n in zip(targets, noise)]
         contexts = drop_context(context_latents, drop, query_frames)
         prediction = model(noisy, contexts, timesteps).sample
+        scales = self._error_scale(timesteps)
+        if scales is None:
+            scales = torch.ones_like(timesteps)
         if packed:
             per_sample = torch.cat(
-                [flow_matching_loss(p[None], u[None], self.l1_weight) for p, u in zip(prediction, velocity)]
+                [
+                    flow_matching_loss(p[None], u[None], self.l1_weight, error_scale=scale)
+                    for p, u, scale in zip(prediction, velocity, (scales[i : i + 1] for i in range(batch)))
+                ]
             )
             return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, list(prediction), velocity)
         prediction, velocity = torch.stack(prediction), torch.stack(velocity)
-        per_sample = flow_matching_loss(prediction, velocity, self.l1_weight, loss_mask)
+        per_sample = flow_matching_loss(prediction, velocity, self.l1_weight, loss_mask, self._error_scale(timesteps))
         return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
 
 

@@ -48,6 +48,7 @@ from genvis.layers import (
 
 __all__ = [
     "LAVIN_DIT_PRESETS",
+    "PREDICTION_TYPES",
     "LaVinDiTBlock",
     "LaVinDiTTransformer3DModel",
     "LaVinDiTTransformerOutput",
@@ -71,6 +72,12 @@ LAVIN_DIT_PRESETS: dict[str, dict[str, Any]] = {
     "1.0B": {"num_layers": 28, "num_attention_heads": 16, "num_kv_heads": 4, "attention_head_dim": 72},
     "3.4B": {"num_layers": 22, "num_attention_heads": 32, "num_kv_heads": 8, "attention_head_dim": 72},
 }
+
+
+# What the head predicts; the model always returns a velocity. "velocity": the official head. "sample": the clean
+# latents x (x-prediction). "query_residual": x minus the query latents (the untrained model copies the query).
+PREDICTION_TYPES = ("velocity", "sample", "query_residual")
+MIN_VELOCITY_DENOMINATOR = 0.05
 
 
 @dataclass
@@ -365,6 +372,9 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         timestep_embed_dim: int = 256,
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
+        query_skip: bool = False,
+        context_summary: bool = False,
+        prediction_type: str = "velocity",
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_attention_heads
@@ -387,6 +397,8 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"attention_head_dim must be divisible by 6 for the 3D RoPE (three even thirds), got {attention_head_dim}"
             )
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         dim = num_attention_heads * attention_head_dim
         mlp_hidden_dim = mlp_hidden_dim or lavin_dit_mlp_hidden_dim(dim)
         if mlp_hidden_dim < 1:
@@ -400,6 +412,16 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         self.context_embedder_norm = nn.LayerNorm(dim, eps=1e-5)
         self.target_embedder = PatchEmbed(in_channels, dim, patch)
         self.target_embedder_norm = nn.LayerNorm(dim, eps=1e-5)
+        # genvis option (not in the official model): each target token also sees the query patch at its own
+        # (frame, row, column), through a zero-initialised linear added before the embedder norm
+        self.query_embedder = PatchEmbed(in_channels, dim, patch) if query_skip else None
+        # genvis option: a task vector from the context pairs (per-token MLP over each (input, target) patch pair,
+        # averaged over every token of every pair, last layer zero-initialised) added to both timestep vectors, so
+        # adaLN sees the task the way a class-conditional DiT sees its label
+        pair_features = 2 * in_channels * patch_size * patch_size
+        self.pair_encoder = (
+            nn.Sequential(nn.Linear(pair_features, dim), nn.SiLU(), nn.Linear(dim, dim)) if context_summary else None
+        )
 
         # 2. timestep (flow time in [0,1], cos half first) and the stream type vectors added to it
         self.time_proj = Timesteps(timestep_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -447,6 +469,12 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             weight = embedder.proj.weight
             nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
             nn.init.zeros_(embedder.proj.bias)
+        if self.pair_encoder is not None:  # starts as the official model: the task vector is exactly 0
+            nn.init.zeros_(self.pair_encoder[-1].weight)
+            nn.init.zeros_(self.pair_encoder[-1].bias)
+        if self.query_embedder is not None:  # starts as the official model: the skip adds exactly 0
+            nn.init.zeros_(self.query_embedder.proj.weight)
+            nn.init.zeros_(self.query_embedder.proj.bias)
         nn.init.normal_(self.context_type_embed, std=0.02)
         nn.init.normal_(self.target_type_embed, std=0.02)
         nn.init.normal_(self.time_embedding.linear_1.weight, std=0.02)
@@ -482,6 +510,47 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         # a Linear over flattened (C, 1, p, p) patches == the patch conv, without the slow small-conv3d path
         patches, grid = patchify(latents, embedder.patch_size)  # (B, T*h*w, C*p*p), frame-major, row, column
         return norm(embedder.forward_patches(patches)), grid
+
+    def _task_vector(self, contexts, targets) -> torch.Tensor:
+        """``(B, D)`` mean of ``pair_encoder`` over the (input, target) patch pairs of each condition stream.
+
+        A stream of ``T_c = 2 N T_x + T_x`` frames holds ``N`` pairs of ``T_x``-frame clips before the query; any other
+        length (the unconditional ``[zero frame, query]`` branch) has no pairs and gets a zero vector.
+        """
+        patch = self.context_embedder.patch_size
+        vectors = []
+        for context, target in zip(contexts, targets):  # per sample: (C, T_c, H, W), (C, T_x, H, W)
+            frames, clip = context.shape[1], target.shape[1]
+            num_pairs, rest = divmod(frames - clip, 2 * clip)
+            if rest or num_pairs < 1:
+                vectors.append(self.pair_encoder[-1].bias.new_zeros(self.inner_dim))
+                continue
+            pairs = context[:, : 2 * num_pairs * clip].unflatten(1, (num_pairs, 2, clip))  # (C, N, 2, T_x, H, W)
+            inputs, _ = patchify(pairs[:, :, 0].flatten(1, 2)[None], patch)  # (1, N*T_x*h*w, C*p*p)
+            outputs, _ = patchify(pairs[:, :, 1].flatten(1, 2)[None], patch)
+            vectors.append(self.pair_encoder(torch.cat([inputs[0], outputs[0]], dim=-1)).mean(0))
+        return torch.stack(vectors)
+
+    def _embed_target(self, target: torch.Tensor, context: torch.Tensor):
+        """Target tokens of ``(B, C, T_x, H, W)`` latents (+ the query skip over the last ``T_x`` condition frames)."""
+        patches, grid = patchify(target, self.target_embedder.patch_size)
+        return self.target_embedder_norm(self._target_tokens(patches, context, target.shape[2])), grid
+
+    def _target_tokens(self, patches: torch.Tensor, context, num_frames) -> torch.Tensor:
+        """Embed target patches; with ``query_skip`` add the embedded query patches at the same positions.
+
+        ``context`` is a ``(B, C, T_c, H, W)`` batch (``num_frames`` an int) or a list of ``(C, T_c, H, W)`` samples
+        (``num_frames`` a list); the query is the last ``num_frames`` condition frames of each sample.
+        """
+        tokens = self.target_embedder.forward_patches(patches)
+        if self.query_embedder is None:
+            return tokens
+        patch = self.query_embedder.patch_size
+        if isinstance(context, torch.Tensor):
+            query, _ = patchify(context[:, :, -num_frames:], patch)
+        else:
+            query = torch.cat([patchify(c[None, :, -n:], patch)[0][0] for c, n in zip(context, num_frames)])
+        return tokens + self.query_embedder.forward_patches(query)
 
     def _positions(self, context_grid, target_grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         # frames are told apart only by t: context 0..T_c-1, target T_c..; every frame shares the spatial grid
@@ -544,6 +613,8 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
 
         # 1. timestep vector per sample, plus the stream type vectors
         temb = self.time_embedding(self.time_proj(timestep).to(self.dtype))  # (B, D)
+        if self.pair_encoder is not None:
+            temb = temb + self._task_vector(encoder_hidden_states, hidden_states)
         temb_context, temb_target = temb + self.context_type_embed, temb + self.target_type_embed
 
         # 2. patch embedding, positions and the joint-attention layout
@@ -551,7 +622,7 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             context, context_grid = self._embed(
                 self.context_embedder, self.context_embedder_norm, encoder_hidden_states
             )
-            target, target_grid = self._embed(self.target_embedder, self.target_embedder_norm, hidden_states)
+            target, target_grid = self._embed_target(hidden_states, encoder_hidden_states)
             positions = torch.cat(self._positions(context_grid, target_grid, device), dim=0)  # (S, 3)
             layout = _JointLayout(rotary=self.rope(positions))
             target_grids = [target_grid] * batch
@@ -578,9 +649,30 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
                 unpatchify(tokens, grid, patch, self.out_channels)[0]
                 for tokens, grid in zip(target.split(lengths, dim=1), target_grids)
             ]
+        if self.config.prediction_type != "velocity":
+            if packed:
+                sample = [
+                    self._to_velocity(x[None], out[None], context[None], t[None])[0]
+                    for x, out, context, t in zip(hidden_states, sample, encoder_hidden_states, timestep)
+                ]
+            else:
+                sample = self._to_velocity(hidden_states, sample, encoder_hidden_states, timestep)
         if not return_dict:
             return (sample,)
         return LaVinDiTTransformerOutput(sample=sample)
+
+    def _to_velocity(self, noisy, output, context, timestep) -> torch.Tensor:
+        """Head output -> velocity ``(x_hat - x_t) / (1 - t)`` for the ``sample`` / ``query_residual`` heads.
+
+        ``x_hat`` is the head output (``sample``) or the query latents plus it (``query_residual``: an untrained model
+        answers with the query itself). ``1 - t`` is clamped at :data:`MIN_VELOCITY_DENOMINATOR` as in x-prediction
+        DiTs, so the velocity stays finite near t = 1.
+        """
+        data = output
+        if self.config.prediction_type == "query_residual":
+            data = output + context[:, :, -noisy.shape[2] :].float()
+        remaining = (1 - timestep.float()).clamp_min(MIN_VELOCITY_DENOMINATOR).view(-1, 1, 1, 1, 1)
+        return (data - noisy.float()) / remaining
 
     def _packed_layout(self, targets: list[torch.Tensor], contexts: list[torch.Tensor]):
         """Embed variable-length samples into two packed streams and build the index maps of :class:`_JointLayout`."""
@@ -598,7 +690,9 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             target_grids.append(x_grid)
         # one embedding call per stream over all samples: (sum N, C*p*p) -> (1, sum N, D)
         context_tokens = self.context_embedder_norm(self.context_embedder.forward_patches(torch.cat(context_patches)))
-        target_tokens = self.target_embedder_norm(self.target_embedder.forward_patches(torch.cat(target_patches)))
+        target_tokens = self.target_embedder_norm(
+            self._target_tokens(torch.cat(target_patches), contexts, [t.shape[1] for t in targets])
+        )
         c_lengths = torch.tensor([t.shape[0] for t in context_patches], device=device)
         x_lengths = torch.tensor([t.shape[0] for t in target_patches], device=device)
         num_context = int(c_lengths.sum())

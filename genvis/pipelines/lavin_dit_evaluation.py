@@ -18,7 +18,15 @@ import torch
 from genvis.tasks import decode_binary_map
 from genvis.vae.losses import psnr as clip_psnr
 
-__all__ = ["BINARY_MAP_TASKS", "InContextScore", "episode_grid_row", "evaluate_in_context", "psnr"]
+__all__ = [
+    "BINARY_MAP_TASKS",
+    "InContextScore",
+    "RelianceScore",
+    "episode_grid_row",
+    "evaluate_in_context",
+    "evaluate_reliance",
+    "psnr",
+]
 
 # tasks whose target is a binary map (white = positive), scored with IoU as well
 BINARY_MAP_TASKS: frozenset[str] = frozenset(
@@ -70,7 +78,8 @@ def evaluate_in_context(
     pipeline,
     episodes: Sequence,
     *,
-    num_inference_steps: int = 10,
+    num_inference_steps: int | None = None,
+    time_grid: str | None = None,
     guidance_scale: float = 1.5,
     seed: int = 0,
     return_predictions: bool = False,
@@ -80,23 +89,18 @@ def evaluate_in_context(
     Args:
         pipeline: a :class:`~genvis.pipelines.LaVinDiTPipeline`.
         episodes: episodes with ``task``, ``context_pairs``, ``query``, ``query_target``.
-        num_inference_steps: Euler steps per answer.
+        num_inference_steps: Euler steps per answer on a uniform grid; None (and no ``time_grid``): the pipeline's
+            default, the official 20-point grid.
+        time_grid: an official grid by name (``"lavin-20"``, ``"lavin-30"``, ``"lavin-40"``).
         guidance_scale: CFG weight.
         seed: episode ``i`` uses ``torch.Generator().manual_seed(seed + i)``.
         return_predictions: also return the ``(3, T, H, W)`` answers in [-1, 1].
     """
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     predictions = []
+    sampling = {"num_inference_steps": num_inference_steps, "time_grid": time_grid, "guidance_scale": guidance_scale}
     for index, episode in enumerate(episodes):
-        frames = pipeline(
-            episode.context_pairs,
-            episode.query,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed + index),
-            output_type="pt",
-        ).frames  # (T, 3, H, W) in [0, 1]
-        answer = frames.transpose(0, 1) * 2 - 1  # (3, T, H, W) in [-1, 1]
+        answer = _answer(pipeline, episode.context_pairs, episode.query, seed + index, sampling)
         target, query = episode.query_target.float(), episode.query.float()
         scores = sums[episode.task]
         scores["count"] += 1
@@ -120,6 +124,94 @@ def evaluate_in_context(
             scores["iou_copy"] / n if binary else None,
         )
     return (result, predictions) if return_predictions else result
+
+
+def _answer(pipeline, context_pairs, query, seed: int, sampling: dict) -> torch.Tensor:
+    """One pipeline answer as a ``(3, T, H, W)`` clip in [-1, 1] (noise seeded by ``seed``)."""
+    frames = pipeline(
+        context_pairs, query, generator=torch.Generator().manual_seed(seed), output_type="pt", **sampling
+    ).frames  # (T, 3, H, W) in [0, 1]
+    return frames.transpose(0, 1) * 2 - 1
+
+
+@dataclass
+class RelianceScore:
+    """How often the answers depend on the right inputs (held-out episodes; chance 0.5 for a random answer).
+
+    Args:
+        context_hits: queries whose answer with their own task's context is closer (PSNR) to their target than the
+            answer with another task's context (same noise seed). A model that ignores its context gives identical
+            answers and scores 0 (ties are misses).
+        context_total: such comparisons.
+        query_hits: answers closer to their own query's target than to another query's target of the same task.
+        query_total: such comparisons.
+        per_task: ``{task: {"context": rate, "query": rate}}``.
+    """
+
+    context_hits: int
+    context_total: int
+    query_hits: int
+    query_total: int
+    per_task: dict[str, dict[str, float]]
+
+    @property
+    def context_rate(self) -> float:
+        return self.context_hits / max(1, self.context_total)
+
+    @property
+    def query_rate(self) -> float:
+        return self.query_hits / max(1, self.query_total)
+
+
+@torch.no_grad()
+def evaluate_reliance(
+    pipeline,
+    episodes: Sequence,
+    predictions: Sequence[torch.Tensor],
+    *,
+    num_inference_steps: int | None = None,
+    time_grid: str | None = None,
+    guidance_scale: float = 1.5,
+    seed: int = 0,
+) -> RelianceScore:
+    """Context and query reliance of the answers ``predictions`` (from :func:`evaluate_in_context` with the same seed).
+
+    Context: episode ``j`` of task ``a`` is answered again with the context pairs of an episode of another task ``b``
+    (``b`` rotates over every other task as ``j`` grows; same noise seed as its own answer), and counts as a hit when
+    its own-context answer is strictly closer to its target. Query: the own answer counts as a hit when it is strictly
+    closer to its own target than to the target of the next episode of the same task. Needs >= 2 tasks (context) and
+    >= 2 episodes per task (query).
+    """
+    if len(predictions) != len(episodes):
+        raise ValueError(f"got {len(predictions)} predictions for {len(episodes)} episodes")
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for index, episode in enumerate(episodes):
+        by_task[episode.task].append(index)
+    tasks = list(by_task)
+    if len(tasks) < 2 or min(len(v) for v in by_task.values()) < 2:
+        raise ValueError(
+            "evaluate_reliance needs >= 2 tasks with >= 2 episodes each, got "
+            + ", ".join(f"{task}: {len(v)}" for task, v in by_task.items())
+        )
+    sampling = {"num_inference_steps": num_inference_steps, "time_grid": time_grid, "guidance_scale": guidance_scale}
+    hits: dict[str, dict[str, int]] = {task: {"context": 0, "query": 0, "n": 0} for task in tasks}
+    for position, task in enumerate(tasks):
+        members = by_task[task]
+        for j, index in enumerate(members):
+            episode, own = episodes[index], predictions[index]
+            own_psnr = psnr(own, episode.query_target)
+            other_task = tasks[(position + 1 + j % (len(tasks) - 1)) % len(tasks)]
+            donor = episodes[by_task[other_task][j % len(by_task[other_task])]]
+            swapped = _answer(pipeline, donor.context_pairs, episode.query, seed + index, sampling)
+            hits[task]["context"] += own_psnr > psnr(swapped, episode.query_target)
+            other = episodes[members[(j + 1) % len(members)]]
+            hits[task]["query"] += own_psnr > psnr(own, other.query_target)
+            hits[task]["n"] += 1
+    per_task = {t: {"context": h["context"] / h["n"], "query": h["query"] / h["n"]} for t, h in hits.items()}
+    total = sum(h["n"] for h in hits.values())
+    return RelianceScore(
+        sum(h["context"] for h in hits.values()), total, sum(h["query"] for h in hits.values()), total, per_task
+    )
 
 
 def episode_grid_row(episode, prediction: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -7,9 +7,11 @@ Follows the official inference (spec /work/shared/specs/lavin_dit_mvdit.md §1.6
 3. the target starts as Gaussian noise and is integrated with diffusers' ``FlowMatchEulerDiscreteScheduler``
    (``sigma = 1 - t``, the LaVin velocity negated);
 4. classifier-free guidance runs a *second forward* whose condition stream is ``[zero frame, query]`` and combines
-   ``v = v_u + w (v_c - v_u)`` (default ``w = 1.5``).
-
-The official 20-point time grid is available as ``sigmas=[1 - t for t in LAVIN_DIT_TIME_GRID_20[:-1]]``.
+   ``v = v_u + w (v_c - v_u)`` for every ``w != 1`` (default ``w = 1.5``; ``w < 1`` blends towards the unconditional
+   answer as the official code does, ``w = 0`` is unconditional);
+5. the time grid is the official 20-point one by default (``time_grid="lavin-20"``, 19 Euler steps); ``"lavin-30"``
+   and ``"lavin-40"`` name the other official grids, ``num_inference_steps=N`` gives diffusers' uniform N-step grid and
+   ``sigmas`` any explicit one.
 Tests: tests/lavin/test_pipeline_lavin_dit.py.
 """
 
@@ -27,6 +29,7 @@ from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tupl
 from diffusers.utils import BaseOutput
 
 from genvis.diffusion.in_context import decode_clips, encode_clips, vae_compression
+from genvis.diffusion.rectified_flow import DEFAULT_TIME_GRID, LAVIN_DIT_TIME_GRIDS, lavin_time_grid_sigmas
 from genvis.models.lavin_dit import LaVinDiTTransformer3DModel
 
 __all__ = ["ClipLike", "LaVinDiTPipeline", "LaVinDiTPipelineOutput"]
@@ -85,10 +88,12 @@ class LaVinDiTPipeline(DiffusionPipeline):
         context_pairs,
         query,
         guidance_scale: float,
-        num_inference_steps: int,
+        num_inference_steps: int | None,
         output_type: str,
         height: int | None,
         width: int | None,
+        time_grid: str | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> None:
         """Raise one ``ValueError`` per bad argument, quoting the value."""
         if not isinstance(context_pairs, (list, tuple)):
@@ -101,8 +106,14 @@ class LaVinDiTPipeline(DiffusionPipeline):
         self._check_clip_like(query, "query")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        if time_grid is not None and time_grid not in LAVIN_DIT_TIME_GRIDS:
+            raise ValueError(f"time_grid must be one of {sorted(LAVIN_DIT_TIME_GRIDS)} or None, got {time_grid!r}")
+        given = [name for name, value in (("num_inference_steps", num_inference_steps), ("time_grid", time_grid),
+                                          ("sigmas", sigmas)) if value is not None]  # fmt: skip
+        if len(given) > 1:
+            raise ValueError(f"give at most one of num_inference_steps, time_grid and sigmas; got {', '.join(given)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         _, spatial = vae_compression(self.vae)
@@ -167,11 +178,12 @@ class LaVinDiTPipeline(DiffusionPipeline):
         self,
         context_pairs: list[tuple[ClipLike, ClipLike]],
         query: ClipLike,
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 1.5,
         height: int | None = None,
         width: int | None = None,
         sigmas: list[float] | None = None,
+        time_grid: str | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         sample_posterior: bool = True,
@@ -185,22 +197,29 @@ class LaVinDiTPipeline(DiffusionPipeline):
                 tensor in [-1, 1]) or a clip (list of PIL frames or a ``(3, T, H, W)`` tensor). Pairs may repeat
                 (the official code samples them with replacement). An empty list runs the query alone.
             query: the input to answer, same kinds as above; the target gets as many frames as the query.
-            num_inference_steps: Euler steps (ignored when ``sigmas`` is given).
-            guidance_scale: CFG weight ``w``; ``<= 1`` skips the unconditional forward (``w = 1`` is no guidance).
+            num_inference_steps: Euler steps on diffusers' uniform grid (instead of the official grid).
+            guidance_scale: CFG weight ``w`` in ``v_u + w (v_c - v_u)``; ``w = 1`` is no guidance (and skips the
+                unconditional forward), ``w < 1`` blends towards the unconditional answer, ``w = 0`` is unconditional.
             height: frame height after resizing (default: the query's height).
             width: frame width after resizing (default: the query's width).
-            sigmas: explicit diffusers sigmas (1 = noise), e.g. the official grid (module docstring).
+            sigmas: explicit diffusers sigmas (1 = noise, the final 0 is appended by the scheduler).
+            time_grid: an official grid by name: ``"lavin-20"`` (the default when none of ``num_inference_steps``,
+                ``time_grid`` and ``sigmas`` is given), ``"lavin-30"`` or ``"lavin-40"``.
             generator: RNG for the initial noise and the VAE posterior samples.
             latents: initial noise ``(1, C, t, h, w)`` instead of drawing it.
             sample_posterior: encode with a posterior sample (official) rather than its mean.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`LaVinDiTPipelineOutput` instead of a tuple.
         """
-        self.check_inputs(context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width)
+        self.check_inputs(
+            context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width, time_grid, sigmas
+        )
         query_clip = self._to_clip(query)
         height = height or query_clip.shape[-2]
         width = width or query_clip.shape[-1]
-        self.check_inputs(context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width)
+        self.check_inputs(
+            context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width, time_grid, sigmas
+        )
         device, dtype = self._execution_device, self.transformer.dtype
 
         # 1. encode every clip independently; condition stream = pairs then query along latent time
@@ -211,7 +230,7 @@ class LaVinDiTPipeline(DiffusionPipeline):
         condition = torch.cat(encoded, dim=1)[None].to(dtype)  # (1, C, T_c, h, w)
         # unconditional branch: one all-zero latent frame, then the query
         uncondition = torch.cat([torch.zeros_like(query_latents[:, :, :1]), query_latents], dim=2).to(dtype)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = guidance_scale != 1.0  # the official blend for any w; w = 1 is exactly the conditional velocity
 
         # 2. noise for the target (as many latent frames as the query)
         shape = tuple(query_latents.shape)
@@ -223,10 +242,12 @@ class LaVinDiTPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=torch.float32)
 
         # 3. Euler integration in diffusers' sigma convention
-        if sigmas is not None:
-            self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
-        else:
+        if num_inference_steps is not None:
             self.scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            if sigmas is None:
+                sigmas = lavin_time_grid_sigmas(time_grid or DEFAULT_TIME_GRID)
+            self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
         timesteps = self.scheduler.timesteps
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, timestep in enumerate(timesteps):

@@ -16,7 +16,7 @@ from genvis.training.config import (
     config_to_dict,
     load_config,
 )
-from genvis.training.ema import create_ema
+from genvis.training.ema import EMAConfig, create_ema, ema_weights
 from genvis.training.guard import NonFiniteGuard, NonFiniteLossError
 from genvis.training.logging import log_image_grid, make_grid, to_pil
 from genvis.training.setup import flatten_for_tracker, progress_bar, setup_accelerator
@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "ConfigError",
+    "EMAConfig",
     "NonFiniteGuard",
     "NonFiniteLossError",
     "TrainState",
@@ -33,6 +34,7 @@ __all__ = [
     "config_from_args",
     "config_to_dict",
     "create_ema",
+    "ema_weights",
     "find_latest_checkpoint",
     "flatten_for_tracker",
     "load_config",

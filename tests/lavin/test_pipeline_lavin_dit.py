@@ -99,7 +99,7 @@ def test_pil_inputs_are_resized_and_video_queries_keep_their_frames(pipe):
 
 def test_official_time_grid_as_sigmas(pipe):
     sigmas = [1 - t for t in LAVIN_DIT_TIME_GRID_20[:-1]]
-    out = _run(pipe, sigmas=sigmas, output_type="pt").frames
+    out = _run(pipe, sigmas=sigmas, num_inference_steps=None, output_type="pt").frames
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
 
 
@@ -155,3 +155,52 @@ def test_pipeline_with_the_st_vae():
     assert out.frames.shape == (1, 3, 32, 32) and torch.isfinite(out.frames).all()
     with pytest.raises(ValueError, match="1 or 1 \\+ 4k frames"):
         _run(pipe, context_pairs=[], query=torch.zeros(3, 2, 32, 32), output_type="pt")
+
+
+def _sigmas_used(pipe, **kwargs) -> list[float]:
+    seen = []
+    original = pipe.scheduler.set_timesteps
+
+    def record(*args, **kw):
+        original(*args, **kw)
+        seen.extend(float(s) for s in pipe.scheduler.sigmas)
+
+    pipe.scheduler.set_timesteps = record
+    try:
+        pipe(
+            [(_image(0), _image(1))], _image(4), generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs
+        )
+    finally:
+        pipe.scheduler.set_timesteps = original
+    return seen
+
+
+@pytest.mark.parametrize(("kwargs", "grid"), [({}, "lavin-20"), ({"time_grid": "lavin-30"}, "lavin-30"),
+                                              ({"time_grid": "lavin-40"}, "lavin-40")])  # fmt: skip
+def test_official_time_grids_by_name_and_the_20_point_default(pipe, kwargs, grid):
+    from genvis.diffusion import LAVIN_DIT_TIME_GRIDS
+
+    expected = [1 - t for t in LAVIN_DIT_TIME_GRIDS[grid]]  # the scheduler appends sigma 0 = t 1
+    assert _sigmas_used(pipe, **kwargs) == pytest.approx(expected, abs=1e-6)
+    assert len(expected) == int(grid.split("-")[1])
+
+
+def test_uniform_steps_and_grid_errors(pipe):
+    assert len(_sigmas_used(pipe, num_inference_steps=4)) == 5
+    with pytest.raises(ValueError, match="time_grid must be one of"):
+        _run(pipe, num_inference_steps=None, time_grid="lavin-25")
+    with pytest.raises(ValueError, match="give at most one of num_inference_steps, time_grid and sigmas"):
+        _run(pipe, time_grid="lavin-30")
+
+
+def test_guidance_below_one_blends_towards_the_unconditional_answer(pipe):
+    """Official CFG is v_u + w (v_c - v_u) for every w: w = 0 is the unconditional answer, 0.5 lies between."""
+    answers = {w: _run(pipe, guidance_scale=w, output_type="latent").frames for w in (0.0, 0.5, 1.0)}
+    unconditional = _run(pipe, context_pairs=[], guidance_scale=1.0, output_type="latent").frames  # [query] only
+    assert not torch.allclose(answers[0.5], answers[1.0]) and not torch.allclose(answers[0.0], answers[1.0])
+    assert not torch.allclose(answers[0.0], unconditional)  # [zero frame, query] is not [query]
+    # with one Euler step the blend is exactly linear in w
+    one = {
+        w: _run(pipe, guidance_scale=w, num_inference_steps=1, output_type="latent").frames for w in (0.0, 0.5, 1.0)
+    }
+    torch.testing.assert_close(one[0.5], (one[0.0] + one[1.0]) / 2, rtol=1e-5, atol=1e-5)

@@ -133,6 +133,7 @@ FAST = [
     "model.num_layers=1",
     "schedule.batch_size=4",
     "sampling.episodes_per_task=0",
+    "sampling.reliance=false",
     "logging.every_steps=1",
     "logging.log_with=null",
     "checkpoint.every_steps=2",
