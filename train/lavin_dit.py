@@ -317,7 +317,11 @@ def main() -> None:
                     reliance = evaluate_reliance(pipe, eval_episodes, predictions, **sampling)
             model.train()
             rows = [episode_grid_row(ep, pred) for ep, pred in zip(eval_episodes, predictions)]
-            log_image_grid(accelerator, "in_context", rows, step, out)
+            pairs = max(ep.num_pairs for ep in eval_episodes)
+            columns = [f"{kind} {i}" for i in range(1, pairs + 1) for kind in ("input", "target")]
+            log_image_grid(accelerator, "in_context", rows, step, out, scale=max(1, 96 // cfg.data.size),
+                           column_labels=[*columns, "query", "prediction", "truth"],
+                           row_labels=[ep.task for ep in eval_episodes])  # fmt: skip
             metrics = {}
             for task, s in scores.items():
                 metrics.update({f"eval/{task}/psnr": s.psnr, f"eval/{task}/psnr_copy": s.psnr_copy})
