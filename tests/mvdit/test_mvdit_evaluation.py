@@ -139,3 +139,14 @@ def test_procedural_video_with_fixed_attributes():
         procedural_video(5, 9, 32, attributes=attributes)
     with pytest.raises(ValueError, match=r"attributes\.color"):
         procedural_video(5, 9, 32, num_shapes=(1, 1), attributes=attributes._replace(color="blue"))
+
+
+def test_labelled_clip_grid():
+    from genvis.pipelines.mvdit_evaluation import labelled_clip_grid
+
+    captions, clips = _clips(2, size=16)
+    grid = labelled_clip_grid(clips, captions)
+    assert grid.height == 2 * (14 + 96 + 4) + 4  # 16 px frames upscaled 6x, one label line each
+    assert grid.width >= 5 * 96
+    with pytest.raises(ValueError, match="labels"):
+        labelled_clip_grid(clips, captions[:1])
