@@ -30,11 +30,18 @@ from serve.handlers import (
     MAX_NEW_TOKENS,
     MAX_PAIRS,
     MAX_STEPS,
+    TIME_GRIDS,
+    UNIFORM_GRID,
+    SamplingDefaults,
+    TrainedTasks,
+    preview_uploads,
     run_builtin_task,
     run_chat,
     run_encoder_inspection,
     run_text_to_video,
     run_uploaded_task,
+    sampling_defaults,
+    trained_tasks,
 )
 from serve.loading import CheckpointLoadError, ModelSlot, load_encoder, load_slot
 from serve.validation import InputError, UploadLimits
@@ -42,7 +49,7 @@ from serve.validation import InputError, UploadLimits
 logger = logging.getLogger("genvis.serve")
 
 QUEUE_SIZE = 16  # requests waiting at most; more are refused by Gradio with a "queue is full" message
-BUILTIN_EXAMPLES = [["colorization", 2, 0], ["edge_detection", 2, 1], ["inpainting", 1, 2], ["frame_prediction", 1, 0]]
+MAX_BUILTIN_EXAMPLES = 4  # example rows of the built-in task section, spread over the run's trained tasks
 PROMPT_EXAMPLES = [
     ["a red circle moves from left to right over a black background"],
     ["a green square falls from top to bottom"],
@@ -61,7 +68,8 @@ class ServeConfig:
         encoder_message: where the encoders came from (or why some did not load).
         cache_dir: private folder for Gradio's uploads and our outputs (the only upload root).
         size: LaVin-DiT working resolution (square).
-        steps: default sampling steps.
+        size_source: where ``size`` came from (shown on the tab).
+        steps: default sampling steps (MVDiT, and LaVin-DiT's uniform grid).
         limits: upload limits.
         blocked: folders Gradio must never serve (checkpoints).
     """
@@ -73,9 +81,20 @@ class ServeConfig:
     encoder_message: str
     cache_dir: Path
     size: int = 64
+    size_source: str = "the demo's default"
     steps: int = 10
     limits: UploadLimits = field(default_factory=UploadLimits)
     blocked: list[str] = field(default_factory=list)
+
+    @property
+    def lavin_tasks(self) -> TrainedTasks:
+        """The built-in tasks the LaVin-DiT tab offers: the loaded run's trained tasks."""
+        return trained_tasks(self.lavin.train_config)
+
+    @property
+    def lavin_sampling(self) -> SamplingDefaults:
+        """The LaVin-DiT tab's sampling defaults: the run's `sampling` config, else the official lavin-20 grid."""
+        return sampling_defaults(self.lavin.train_config, self.steps)
 
     @property
     def output_dir(self) -> Path:
@@ -105,23 +124,58 @@ def _serve(gr, slot: ModelSlot | None, handler: Callable[..., Any], *args: Any) 
         ) from None
 
 
-def _write_upload_examples(config: ServeConfig) -> list[list[Any]]:
-    """Two colorization pairs + a query as PNG files, for the upload section's examples."""
+def builtin_examples(tasks: list[str]) -> list[list[Any]]:
+    """``[task, pairs, seed]`` rows spread over ``tasks`` (at most :data:`MAX_BUILTIN_EXAMPLES`); clips get one pair."""
+    from genvis.tasks import get_task
+
+    stride = max(1, len(tasks) // MAX_BUILTIN_EXAMPLES)
+    picked = tasks[::stride][:MAX_BUILTIN_EXAMPLES]
+    return [[name, 2 if get_task(name).kind == "image" else 1, seed] for seed, name in enumerate(picked)]
+
+
+def upload_example_task(tasks: list[str]) -> str:
+    """The task the upload examples are drawn from: colorization when trained, else the first trained image task."""
+    from genvis.tasks import get_task
+
+    images = [name for name in tasks if get_task(name).kind == "image"]
+    return "colorization" if "colorization" in images or not images else images[0]
+
+
+def _write_upload_examples(config: ServeConfig, name: str) -> list[list[Any]]:
+    """Two pairs + a query of the built-in task ``name`` as PNG files -> ``[[context files, query file]]``.
+
+    The upload section draws them from a trained task (:func:`upload_example_task`); the encoder and MLLM tabs show
+    the colorization query whatever the LaVin-DiT run trained on.
+    """
     from genvis.tasks import get_task, sample_episode
     from serve.handlers import _clip_frames as clip_frames
     from serve.handlers import filmstrip
 
     config.examples_dir.mkdir(parents=True, exist_ok=True)
-    episode = sample_episode(get_task("colorization"), 2, seed=7, size=config.size, split="test")
+    episode = sample_episode(get_task(name), 2, seed=7, size=config.size, split="test")
     context = []
     for index, (source, target) in enumerate(episode.context_pairs, start=1):
         for role, clip in (("input", source), ("target", target)):
-            path = config.examples_dir / f"colorization_{role}_{index}.png"
+            path = config.examples_dir / f"{name}_{role}_{index}.png"
             filmstrip(clip_frames(clip)).save(path)
             context.append(str(path))
-    query = config.examples_dir / "colorization_query.png"
+    query = config.examples_dir / f"{name}_query.png"
     filmstrip(clip_frames(episode.query)).save(query)
     return [[context, str(query)]]
+
+
+def time_grid_choices() -> list[tuple[str, str]]:
+    """``(label, value)`` for the time-grid dropdown: the official grids with their Euler steps, then uniform."""
+    from genvis.diffusion import DEFAULT_TIME_GRID, LAVIN_DIT_TIME_GRIDS
+
+    labels = []
+    for name in TIME_GRIDS:
+        if name == UNIFORM_GRID:
+            labels.append(("uniform (set the steps)", name))
+        else:
+            kind = "official default" if name == DEFAULT_TIME_GRID else "official"
+            labels.append((f"{name} ({kind}, {len(LAVIN_DIT_TIME_GRIDS[name]) - 1} steps)", name))
+    return labels
 
 
 def build_demo(config: ServeConfig):
@@ -130,7 +184,7 @@ def build_demo(config: ServeConfig):
 
     roots = [config.cache_dir]
     track_progress = gr.Progress(track_tqdm=True)  # the pipelines' tqdm bars drive the UI progress bar
-    from genvis.tasks import list_tasks
+    tasks, sampling = config.lavin_tasks, config.lavin_sampling
 
     with gr.Blocks(title="genvis demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -140,20 +194,37 @@ def build_demo(config: ServeConfig):
             # ---------------------------------------------------------------------------------------------------
             with gr.Tab("LaVin-DiT in-context", id="lavin"):
                 gr.Markdown(config.lavin.message, elem_id="lavin-status")
+                gr.Markdown(
+                    f"{tasks.note} {sampling.note} Resolution {config.size} px ({config.size_source}).",
+                    elem_id="lavin-defaults",
+                )
                 with gr.Row():
-                    steps = gr.Slider(
-                        1, MAX_STEPS, value=config.steps, step=1, label="Sampling steps", elem_id="lavin-steps"
+                    time_grid = gr.Dropdown(
+                        time_grid_choices(), value=sampling.time_grid, label="Time grid", elem_id="lavin-time-grid"
                     )
+                    steps = gr.Slider(
+                        1, MAX_STEPS, value=sampling.steps, step=1, label="Sampling steps (uniform grid)",
+                        visible=sampling.time_grid == UNIFORM_GRID, elem_id="lavin-steps",
+                    )  # fmt: skip
                     guidance = gr.Slider(
-                        0.0, 10.0, value=1.5, step=0.1, label="Guidance scale", elem_id="lavin-guidance"
+                        0.0, 10.0, value=sampling.guidance, step=0.1, label="Guidance scale", elem_id="lavin-guidance"
                     )
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="lavin-seed")
+                time_grid.change(
+                    lambda grid: gr.update(visible=grid == UNIFORM_GRID), time_grid, steps, queue=False,
+                    api_visibility="private",
+                )  # fmt: skip
                 with gr.Tabs():
                     with gr.Tab("Built-in task", id="lavin-builtin"):
-                        task = gr.Dropdown(list_tasks(), value="colorization", label="Task", elem_id="lavin-task")
+                        default_task = "colorization" if "colorization" in tasks.names else tasks.names[0]
+                        task = gr.Dropdown(tasks.names, value=default_task, label="Task", elem_id="lavin-task")
                         pairs = gr.Slider(1, MAX_PAIRS, value=2, step=1, label="Context pairs", elem_id="lavin-pairs")
                         run_builtin = gr.Button("Run task", variant="primary", elem_id="lavin-run-builtin")
-                        gr.Examples(BUILTIN_EXAMPLES, inputs=[task, pairs, seed], label="Examples (held-out episodes)")
+                        gr.Examples(
+                            builtin_examples(tasks.names),
+                            inputs=[task, pairs, seed],
+                            label="Examples (held-out episodes of the trained tasks)",
+                        )
                     with gr.Tab("Upload your own", id="lavin-upload"):
                         gr.Markdown(
                             f"Upload context images in order **input 1, target 1, input 2, target 2, ...** "
@@ -165,54 +236,76 @@ def build_demo(config: ServeConfig):
                         query_file = gr.File(label="Query image", elem_id="lavin-query")
                         run_upload = gr.Button("Run on uploads", variant="primary", elem_id="lavin-run-upload")
                         try:
-                            upload_examples = _write_upload_examples(config)
+                            example_task = upload_example_task(tasks.names)
+                            upload_examples = _write_upload_examples(config, example_task)
+                            other_examples = (
+                                upload_examples
+                                if example_task == "colorization"
+                                else _write_upload_examples(config, "colorization")
+                            )
                         except (OSError, ValueError) as err:
                             logger.warning(f"upload examples unavailable: {err}")
-                            upload_examples = []
+                            upload_examples = other_examples = []
                         if upload_examples:
-                            gr.Examples(upload_examples, inputs=[context_files, query_file], label="Example uploads")
-                with gr.Row():
-                    output = gr.Image(
-                        label="Prediction",
-                        type="pil",
-                        format="png",
-                        elem_id="lavin-output",
-                        interactive=False,
-                        height=320,
-                    )
-                    gallery = gr.Gallery(label="Context, query, prediction", columns=4, elem_id="lavin-gallery")
+                            gr.Examples(
+                                upload_examples,
+                                inputs=[context_files, query_file],
+                                label=f"Example uploads (a held-out {example_task} episode)",
+                            )
                 info = gr.Markdown(elem_id="lavin-info")
-
-            def on_builtin(task_name, num_pairs, steps_value, guidance_value, seed_value, progress=track_progress):
-                result = _serve(
-                    gr,
-                    config.lavin,
-                    run_builtin_task,
-                    task_name,
-                    num_pairs,
-                    seed_value,
-                    steps_value,
-                    guidance_value,
-                    config.size,
+                output = gr.Image(
+                    label="Query, prediction and exact answer (upscaled)",
+                    type="pil",
+                    format="png",
+                    elem_id="lavin-output",
+                    interactive=False,
+                    show_label=False,  # the image carries its own captions; Gradio's label badge would cover one
                 )
-                return result.prediction, result.gallery, result.message
+                gallery = gr.Gallery(
+                    label="Context pairs, query and prediction (upscaled)",
+                    columns=6,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="lavin-gallery",
+                )
 
-            def on_upload(files, query, steps_value, guidance_value, seed_value, progress=track_progress):
+            def on_builtin(
+                task_name, num_pairs, grid, steps_value, guidance_value, seed_value, progress=track_progress
+            ):
                 result = _serve(
-                    gr, config.lavin, run_uploaded_task, files, query, steps_value, guidance_value, seed_value,
+                    gr, config.lavin, run_builtin_task, task_name, num_pairs, seed_value, grid, steps_value,
+                    guidance_value, config.size, tasks.names,
+                )  # fmt: skip
+                return result.comparison, result.gallery, result.message
+
+            def on_upload(files, query, grid, steps_value, guidance_value, seed_value, progress=track_progress):
+                result = _serve(
+                    gr, config.lavin, run_uploaded_task, files, query, grid, steps_value, guidance_value, seed_value,
                     config.size, config.limits, roots,
                 )  # fmt: skip
-                return result.prediction, result.gallery, result.message
+                return result.comparison, result.gallery, result.message
+
+            def on_preview(files, query):
+                items, summary = preview_uploads(files, query, config.size, config.limits, roots)
+                return None, items, summary  # clear the last result: it belongs to other inputs
 
             run_builtin.click(
-                on_builtin, [task, pairs, steps, guidance, seed], [output, gallery, info], api_name="lavin_builtin"
+                on_builtin,
+                [task, pairs, time_grid, steps, guidance, seed],
+                [output, gallery, info],
+                api_name="lavin_builtin",
             )
             run_upload.click(
                 on_upload,
-                [context_files, query_file, steps, guidance, seed],
+                [context_files, query_file, time_grid, steps, guidance, seed],
                 [output, gallery, info],
                 api_name="lavin_upload",
             )
+            for upload in (context_files, query_file):
+                upload.change(
+                    on_preview, [context_files, query_file], [output, gallery, info], show_progress="hidden",
+                    api_visibility="private", trigger_mode="always_last",
+                )  # fmt: skip
 
             # ---------------------------------------------------------------------------------------------------
             with gr.Tab("MVDiT text-to-video", id="mvdit"):
@@ -260,8 +353,8 @@ def build_demo(config: ServeConfig):
                         32, 512, value=224, step=32, label="Input size (px)", elem_id="encoder-size"
                     )
                 run_encoders = gr.Button("Inspect", variant="primary", elem_id="encoder-run")
-                if upload_examples:
-                    gr.Examples([[upload_examples[0][1], 128]], inputs=[encoder_image, encoder_size], label="Example")
+                if other_examples:
+                    gr.Examples([[other_examples[0][1], 128]], inputs=[encoder_image, encoder_size], label="Example")
                 encoder_gallery = gr.Gallery(
                     label="Feature PCA and patch-norm maps", columns=4, elem_id="encoder-gallery"
                 )
@@ -286,11 +379,11 @@ def build_demo(config: ServeConfig):
                         answer_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=16, step=1, label="Answer tokens")
                         ask = gr.Button("Ask", variant="primary", elem_id="mllm-run")
                 chat = gr.Chatbot(label="Conversation", elem_id="mllm-chat")
-                if upload_examples:
+                if other_examples:
                     gr.Examples(
                         [
-                            [upload_examples[0][1], "What colour is the shape?"],
-                            [upload_examples[0][1], "How many shapes?"],
+                            [other_examples[0][1], "What colour is the shape?"],
+                            [other_examples[0][1], "How many shapes?"],
                         ],
                         inputs=[chat_image, question],
                         label="Examples (the questions the tiny preset trains on)",
@@ -354,7 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="LaVin-DiT working resolution (square; default: the checkpoint's training size, else 64)",
     )
-    parser.add_argument("--steps", type=int, default=10, help="default sampling steps shown in the UI")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="default steps of the uniform grid (LaVin-DiT) and of MVDiT sampling"
+    )
     parser.add_argument("--max-file-mb", type=int, default=20, help="largest upload in MiB")
     parser.add_argument("--max-megapixels", type=float, default=16.7, help="largest upload in megapixels")
     parser.add_argument("--cache-dir", help="private folder for uploads and outputs (default: a new temp folder)")
@@ -380,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     lavin = load_slot(args.checkpoint, "lavin_dit", device=args.device)
     mllm = load_slot(args.mllm_checkpoint, "mllm", device=args.device)
     encoders, encoder_message = _encoders(args.encoder_checkpoint, mllm, args.device)
+    run_size = lavin.config_value("data", "size")
     config = ServeConfig(
         lavin=lavin,
         mvdit=load_slot(args.mvdit_checkpoint, "mvdit", device=args.device),
@@ -387,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         encoders=encoders,
         encoder_message=encoder_message,
         cache_dir=cache_dir,
-        size=args.size or lavin.config_value("data", "size") or 64,
+        size=args.size or run_size or 64,
+        size_source="`--size`" if args.size else "the run's `data.size`" if run_size else "the demo's default",
         steps=args.steps,
         limits=limits,
         blocked=blocked,

@@ -7,6 +7,7 @@ the UI shows. Tested in tests/serve/test_handlers.py (tiny random-init pipelines
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -15,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 
+from genvis.diffusion import DEFAULT_TIME_GRID, LAVIN_DIT_TIME_GRIDS
 from serve.validation import (
     InputError,
     UploadLimits,
+    check_choice,
     check_int,
     check_number,
     check_text,
@@ -28,27 +33,43 @@ from serve.validation import (
 )
 
 __all__ = [
+    "DEFAULT_GUIDANCE",
+    "DISPLAY_SIDE",
     "MAX_NEW_TOKENS",
     "MAX_PAIRS",
     "MAX_STEPS",
+    "TIME_GRIDS",
+    "UNIFORM_GRID",
     "InContextResult",
+    "SamplingDefaults",
     "TextToVideoResult",
+    "TrainedTasks",
     "builtin_episode",
     "filmstrip",
     "fit_square",
     "inspect_encoder",
+    "labelled_row",
+    "preview_uploads",
     "run_builtin_task",
     "run_chat",
     "run_encoder_inspection",
     "run_in_context",
     "run_text_to_video",
     "run_uploaded_task",
+    "sampler_arguments",
+    "sampling_defaults",
+    "trained_tasks",
+    "upscale",
 ]
 
 MAX_PAIRS = 4  # context pairs per request: each adds a full clip of tokens to the joint attention
-MAX_STEPS = 50  # sampling steps per request (the official LaVin grid has 20)
+MAX_STEPS = 50  # sampling steps per request on the uniform grid (the official LaVin grids have 19, 29 and 39)
 MAX_PROMPT_CHARS = 500
 MAX_VIDEO_FRAMES = 33
+UNIFORM_GRID = "uniform"  # diffusers' uniform grid with a chosen number of steps (``num_inference_steps``)
+TIME_GRIDS = (*LAVIN_DIT_TIME_GRIDS, UNIFORM_GRID)  # the official grids by name first, "lavin-20" the default
+DEFAULT_GUIDANCE = 1.5  # LaVinDiTPipeline's default CFG weight
+DISPLAY_SIDE = 256  # px: images are shown at least this tall; tiny checkpoints work at 32 px
 
 
 @dataclass
@@ -56,15 +77,50 @@ class InContextResult:
     """Result of one in-context request.
 
     Args:
-        prediction: the generated target as one image (frames side by side for a clip).
-        gallery: ``(image, caption)`` of everything involved: context pairs, query, prediction, and the exact answer
-            when the task knows it.
-        message: a one-line summary (task, pairs, steps, seconds).
+        prediction: the generated target at the model's resolution (frames side by side for a clip).
+        comparison: what the tab shows first: query, prediction and (built-in tasks) the exact answer, each labelled
+            and upscaled with nearest-neighbour to at least :data:`DISPLAY_SIDE` px (:func:`labelled_row`).
+        gallery: ``(image, caption)`` of everything involved, upscaled the same way: context pairs (``input 1``,
+            ``target 1``, ...), query, prediction, and the exact answer when the task knows it.
+        message: a one-line summary (task, pairs, time grid and steps, guidance, seconds).
     """
 
     prediction: PIL.Image.Image
+    comparison: PIL.Image.Image
     gallery: list[tuple[PIL.Image.Image, str]]
     message: str
+
+
+@dataclass(frozen=True)
+class TrainedTasks:
+    """The built-in tasks a LaVin-DiT checkpoint was trained on, as the demo lists them.
+
+    Args:
+        names: task names in training order (the dropdown's choices and the examples' source).
+        from_config: whether they were read from the run's training config (False: a fallback list).
+        note: one line for the tab saying where the list comes from.
+    """
+
+    names: list[str]
+    from_config: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The LaVin-DiT tab's sampling defaults.
+
+    Args:
+        time_grid: one of :data:`TIME_GRIDS`.
+        steps: steps on the uniform grid (used only when ``time_grid`` is :data:`UNIFORM_GRID`).
+        guidance: CFG weight.
+        note: one line saying where they come from.
+    """
+
+    time_grid: str
+    steps: int
+    guidance: float
+    note: str
 
 
 @dataclass
@@ -110,11 +166,129 @@ def fit_square(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
     return image.crop((left, top, left + side, top + side)).resize((size, size), PIL.Image.Resampling.BICUBIC)
 
 
-def builtin_episode(task: str, num_pairs: float, seed: float, size: int):
-    """A held-out episode of a built-in task (``genvis.tasks``), checked like a user input."""
+def upscale(image: PIL.Image.Image, min_side: int = DISPLAY_SIDE) -> PIL.Image.Image:
+    """Nearest-neighbour upscaling by the smallest whole factor that makes the shorter side >= ``min_side``.
+
+    A whole factor keeps every model pixel a sharp square block: the browser would blur a 32 px output it stretches.
+    """
+    width, height = image.size
+    factor = max(1, math.ceil(min_side / max(1, min(width, height))))
+    if factor == 1:
+        return image
+    return image.resize((width * factor, height * factor), PIL.Image.Resampling.NEAREST)
+
+
+_CAPTION_HEIGHT = 30  # px above each panel of a labelled row
+_PANEL_GAP = 12  # px between panels
+
+
+def labelled_row(panels: Sequence[tuple[PIL.Image.Image, str]], min_side: int = DISPLAY_SIDE) -> PIL.Image.Image:
+    """Panels with a caption above each, upscaled (:func:`upscale`) and laid out side by side on white.
+
+    Panels are brought to the first one's display size, so a prediction sits at the same scale as its query.
+    Filmstrips (clips, wider than twice their height) are stacked top to bottom instead, one per row.
+    """
+    if not panels:
+        raise ValueError("panels: expected at least one (image, caption), got none")
+    first = upscale(panels[0][0].convert("RGB"), min_side)
+    width, height = first.size
+    images = [first] + [image.convert("RGB").resize((width, height), PIL.Image.Resampling.NEAREST)
+                        for image, _ in panels[1:]]  # fmt: skip
+    stacked = width > 2 * height
+    cell_w, cell_h = width, height + _CAPTION_HEIGHT
+    count = len(images)
+    canvas_size = (cell_w, count * cell_h + (count - 1) * _PANEL_GAP) if stacked else (
+        count * cell_w + (count - 1) * _PANEL_GAP, cell_h)  # fmt: skip
+    canvas = PIL.Image.new("RGB", canvas_size, (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(canvas)
+    font = PIL.ImageFont.load_default(size=20)
+    for index, (image, (_, caption)) in enumerate(zip(images, panels, strict=True)):
+        left, top = (0, index * (cell_h + _PANEL_GAP)) if stacked else (index * (cell_w + _PANEL_GAP), 0)
+        draw.text((left + 4, top + 4), caption, fill=(0, 0, 0), font=font)
+        canvas.paste(image, (left, top + _CAPTION_HEIGHT))
+    return canvas
+
+
+def _shown(items: Sequence[tuple[PIL.Image.Image, str]]) -> list[tuple[PIL.Image.Image, str]]:
+    """Gallery items upscaled for display."""
+    return [(upscale(image.convert("RGB")), caption) for image, caption in items]
+
+
+def trained_tasks(train_config: dict | None) -> TrainedTasks:
+    """The tasks of a LaVin-DiT run, resolved as ``train/lavin_dit.py`` does: ``data.tasks``, else every task of
+    ``data.kinds`` (``genvis.tasks.list_tasks(kind)``).
+
+    Without a training config (an exported pipeline copied elsewhere, a random-init test model), or when none of its
+    names is known to this genvis, every built-in image task is listed and the note says so.
+    """
+    from genvis.tasks import list_tasks
+
+    fallback = list_tasks("image")
+    data = train_config.get("data") if isinstance(train_config, dict) else None
+    if not isinstance(data, dict):
+        return TrainedTasks(
+            fallback,
+            False,
+            "This checkpoint carries no training config, so its trained tasks are unknown: listing every built-in "
+            "image task.",
+        )
+    known = list_tasks()
+    tasks, kinds = data.get("tasks"), data.get("kinds")
+    if tasks:
+        names = [name for name in tasks if name in known]
+        source = "`data.tasks`"
+    else:
+        kinds = [kind for kind in (kinds or []) if kind in ("image", "video")]
+        names = [name for kind in kinds for name in list_tasks(kind)]
+        source = f"`data.kinds` = {', '.join(kinds) or 'none'}"
+    unknown = [name for name in (tasks or []) if name not in known]
+    skipped = f" (not in this genvis, left out: {', '.join(map(str, unknown))})" if unknown else ""
+    if not names:
+        return TrainedTasks(
+            fallback,
+            False,
+            f"The training config names no task this demo knows ({source}{skipped}): listing every built-in image "
+            "task.",
+        )
+    return TrainedTasks(
+        names, True, f"Tasks this checkpoint was trained on ({source} of its training config){skipped}."
+    )
+
+
+def sampling_defaults(train_config: dict | None, steps: int = 10) -> SamplingDefaults:
+    """The tab's sampling defaults: the run's ``sampling.time_grid`` / ``sampling.num_inference_steps`` and
+    ``sampling.guidance_scale`` when its training config has valid ones, else the official ``lavin-20`` grid and the
+    pipeline's guidance 1.5. ``steps`` is the uniform grid's default step count (``--steps``)."""
+    sampling = train_config.get("sampling") if isinstance(train_config, dict) else None
+    sampling = sampling if isinstance(sampling, dict) else {}
+    time_grid, sources = DEFAULT_TIME_GRID, []
+    run_grid, run_steps = sampling.get("time_grid"), sampling.get("num_inference_steps")
+    if run_grid in LAVIN_DIT_TIME_GRIDS:
+        time_grid = run_grid
+        sources.append("time grid")
+    elif run_grid is None and isinstance(run_steps, int) and 1 <= run_steps <= MAX_STEPS:
+        time_grid, steps = UNIFORM_GRID, run_steps
+        sources.append("uniform steps")
+    guidance = sampling.get("guidance_scale")
+    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and 0.0 <= guidance <= 10.0:
+        sources.append("guidance")
+    else:
+        guidance = DEFAULT_GUIDANCE
+    if sources:
+        note = f"Sampling defaults from the run's `sampling` config ({', '.join(sources)})"
+    else:
+        note = "Sampling defaults: the official `lavin-20` grid and the pipeline's guidance"
+    return SamplingDefaults(time_grid, steps, float(guidance), f"{note}: `{time_grid}`, guidance {float(guidance):g}.")
+
+
+def builtin_episode(task: str, num_pairs: float, seed: float, size: int, tasks: Sequence[str] | None = None):
+    """A held-out episode of a built-in task (``genvis.tasks``), checked like a user input.
+
+    ``tasks`` limits the choice (the tasks the checkpoint was trained on); None allows every registered task.
+    """
     from genvis.tasks import get_task, list_tasks, sample_episode
 
-    names = list_tasks()
+    names = list(tasks) if tasks is not None else list_tasks()
     if task not in names:
         raise InputError(f"task: expected one of {', '.join(names)}, got {task!r}")
     pairs = check_int(num_pairs, "context pairs", 1, MAX_PAIRS)
@@ -122,27 +296,43 @@ def builtin_episode(task: str, num_pairs: float, seed: float, size: int):
     return sample_episode(get_task(task), pairs, seed=seed, size=size, split="test")
 
 
+def sampler_arguments(time_grid: str | None, steps: float | None) -> tuple[dict, str]:
+    """The pipeline's time-grid arguments for a request -> ``(kwargs, label)``.
+
+    An official grid (``"lavin-20"`` / ``"lavin-30"`` / ``"lavin-40"``) is passed as ``time_grid`` and ``steps`` is
+    ignored; :data:`UNIFORM_GRID` passes ``num_inference_steps=steps`` (1..:data:`MAX_STEPS`). Never both: the
+    pipeline refuses that.
+    """
+    time_grid = check_choice(time_grid, "time grid", TIME_GRIDS)
+    if time_grid == UNIFORM_GRID:
+        steps = check_int(steps, "sampling steps", 1, MAX_STEPS)
+        return {"num_inference_steps": steps}, f"uniform grid, {steps} steps"
+    return {"time_grid": time_grid}, f"{time_grid} grid, {len(LAVIN_DIT_TIME_GRIDS[time_grid]) - 1} steps"
+
+
 def run_in_context(
     pipe,
     context_pairs: list[tuple[PIL.Image.Image | torch.Tensor, PIL.Image.Image | torch.Tensor]],
     query: PIL.Image.Image | torch.Tensor,
-    steps: float,
+    time_grid: str | None,
+    steps: float | None,
     guidance: float,
     seed: float,
     size: int,
-) -> tuple[list[PIL.Image.Image], float]:
-    """Run the LaVin-DiT pipeline -> (predicted frames, seconds).
+) -> tuple[list[PIL.Image.Image], float, str]:
+    """Run the LaVin-DiT pipeline -> (predicted frames, seconds, sampler summary).
 
     Args:
         pipe: a loaded ``LaVinDiTPipeline``.
         context_pairs: ``[(input, target), ...]`` images (PIL) or clips (``(3, T, H, W)`` in [-1, 1]).
         query: the input to answer.
-        steps: Euler steps, 1..:data:`MAX_STEPS`.
+        time_grid: one of :data:`TIME_GRIDS` (:func:`sampler_arguments`).
+        steps: Euler steps, 1..:data:`MAX_STEPS`, for the uniform grid only.
         guidance: CFG weight in [0, 10].
         seed: noise seed.
         size: square output resolution.
     """
-    steps = check_int(steps, "sampling steps", 1, MAX_STEPS)
+    grid_arguments, sampler = sampler_arguments(time_grid, steps)
     guidance = check_number(guidance, "guidance scale", 0.0, 10.0)
     seed = check_int(seed, "seed", 0, 2**31 - 1)
     start = time.perf_counter()
@@ -150,7 +340,7 @@ def run_in_context(
         output = pipe(
             context_pairs,
             query,
-            num_inference_steps=steps,
+            **grid_arguments,
             guidance_scale=guidance,
             height=size,
             width=size,
@@ -159,32 +349,43 @@ def run_in_context(
         )
     except ValueError as err:  # the pipeline's check_inputs: a mismatch between the request and the model
         raise InputError(f"LaVin-DiT refused the request: {err}") from None
-    return list(output.frames), time.perf_counter() - start
+    guidance_text = "no guidance" if guidance == 1.0 else f"guidance {guidance:g}"
+    return list(output.frames), time.perf_counter() - start, f"{sampler}, {guidance_text}"
 
 
 def run_builtin_task(
-    pipe, task: str, num_pairs: float, seed: float, steps: float, guidance: float, size: int
+    pipe,
+    task: str,
+    num_pairs: float,
+    seed: float,
+    time_grid: str | None,
+    steps: float | None,
+    guidance: float,
+    size: int,
+    tasks: Sequence[str] | None = None,
 ) -> InContextResult:
-    """A built-in task: sample a held-out episode, generate the query's target, show it next to the exact answer."""
-    episode = builtin_episode(task, num_pairs, seed, size)
-    frames, seconds = run_in_context(pipe, episode.context_pairs, episode.query, steps, guidance, seed, size)
-    gallery = []
+    """A built-in task: sample a held-out episode, generate the query's target, show it next to query and answer.
+
+    ``tasks`` are the tasks the request may name (the checkpoint's trained tasks); None allows every built-in one.
+    """
+    episode = builtin_episode(task, num_pairs, seed, size, tasks)
+    frames, seconds, sampler = run_in_context(
+        pipe, episode.context_pairs, episode.query, time_grid, steps, guidance, seed, size
+    )
+    context = []
     for index, (source, target) in enumerate(episode.context_pairs, start=1):
-        gallery += [
+        context += [
             (filmstrip(_clip_frames(source)), f"input {index}"),
             (filmstrip(_clip_frames(target)), f"target {index}"),
         ]
     prediction = filmstrip(frames)
-    gallery += [
+    answer = [
         (filmstrip(_clip_frames(episode.query)), "query"),
         (prediction, "prediction"),
         (filmstrip(_clip_frames(episode.query_target)), "exact answer"),
     ]
-    message = (
-        f"{task}: {episode.num_pairs} context pair(s), {episode.num_frames} frame(s), "
-        f"{int(steps)} steps, {seconds:.1f} s"
-    )
-    return InContextResult(prediction, gallery, message)
+    message = f"{task}: {episode.num_pairs} context pair(s), {episode.num_frames} frame(s), {sampler}, {seconds:.1f} s"
+    return InContextResult(prediction, labelled_row(answer), _shown(context + answer), message)
 
 
 def _path_of(upload) -> str:
@@ -197,18 +398,27 @@ def _path_of(upload) -> str:
     return os.fspath(upload)
 
 
+def _context_caption(index: int) -> str:
+    """``input 1, target 1, input 2, ...`` for the 1-based position of an uploaded context image."""
+    return f"{'input' if index % 2 else 'target'} {(index + 1) // 2}"
+
+
 def run_uploaded_task(
     pipe,
     context_files: Sequence | None,
     query_file,
-    steps: float,
+    time_grid: str | None,
+    steps: float | None,
     guidance: float,
     seed: float,
     size: int,
     limits: UploadLimits,
     roots: Iterable[str | os.PathLike],
 ) -> InContextResult:
-    """Uploaded context pairs (``input_1, target_1, input_2, ...``) and a query image -> the query's target."""
+    """Uploaded context pairs (``input_1, target_1, input_2, ...``) and a query image -> the query's target.
+
+    The uploads are shown as the model sees them (centre-cropped and resized to ``size``), upscaled and labelled.
+    """
     roots = list(roots)
     if query_file is None:
         raise InputError("query image: expected an uploaded image, got nothing")
@@ -220,14 +430,45 @@ def run_uploaded_task(
     ]
     pairs = pair_up(images, "context pairs", MAX_PAIRS)
     query = fit_square(load_image(_path_of(query_file), "query image", limits, roots), size)
-    frames, seconds = run_in_context(pipe, pairs, query, steps, guidance, seed, size)
+    frames, seconds, sampler = run_in_context(pipe, pairs, query, time_grid, steps, guidance, seed, size)
     prediction = filmstrip(frames)
-    gallery = [
-        item for index, (a, b) in enumerate(pairs, 1) for item in ((a, f"input {index}"), (b, f"target {index}"))
+    context = [(image, _context_caption(index)) for index, image in enumerate(images, 1)]
+    answer = [(query, "query"), (prediction, "prediction")]
+    message = f"uploaded task: {len(pairs)} context pair(s), {sampler}, {seconds:.1f} s"
+    return InContextResult(prediction, labelled_row(answer), _shown(context + answer), message)
+
+
+def preview_uploads(
+    context_files: Sequence | None,
+    query_file,
+    size: int,
+    limits: UploadLimits,
+    roots: Iterable[str | os.PathLike],
+) -> tuple[list[tuple[PIL.Image.Image, str]], str]:
+    """The uploads as the model will see them, before running -> ``(gallery items, one-line summary)``.
+
+    Each file goes through the same checks as :func:`run_uploaded_task`; a refused file is left out and its message
+    is put in the summary instead of raising, so the preview never stands in for the run's own error.
+    """
+    roots = list(roots)
+    items, problems = [], []
+    named = [
+        (file, _context_caption(index), f"context image {index}") for index, file in enumerate(context_files or [], 1)
     ]
-    gallery += [(query, "query"), (prediction, "prediction")]
-    message = f"uploaded task: {len(pairs)} context pair(s), {int(steps)} steps, {seconds:.1f} s"
-    return InContextResult(prediction, gallery, message)
+    if query_file is not None:
+        named.append((query_file, "query", "query image"))
+    for file, caption, what in named:
+        try:
+            items.append((upscale(fit_square(load_image(_path_of(file), what, limits, roots), size)), caption))
+        except InputError as err:
+            problems.append(str(err))
+    count = len(context_files or [])
+    parts = [f"{count // 2} context pair(s)" + (" and an input without its target" if count % 2 else "")]
+    parts.append("a query" if query_file is not None else "no query yet")
+    summary = f"preview: {', '.join(parts)}, shown at {size} px as the model sees them"
+    if count > 2 * MAX_PAIRS:
+        problems.append(f"context pairs: expected at most {MAX_PAIRS} pairs ({2 * MAX_PAIRS} images), got {count}")
+    return items, summary + ("" if not problems else "; refused: " + "; ".join(problems))
 
 
 def run_text_to_video(

@@ -37,6 +37,7 @@ __all__ = [
     "load_family",
     "load_slot",
     "resolve_pipeline_dir",
+    "training_config",
 ]
 
 logger = logging.getLogger("genvis.serve")
@@ -232,11 +233,27 @@ def load_family(
     return pipeline, folder
 
 
+RUN_CONFIG = "config.json"  # the resolved training config a run folder holds (genvis.training.setup_accelerator)
+
+
 def training_config(folder: Path) -> dict | None:
-    """The resolved training config stored in the marker of the checkpoint ``folder`` was exported into, if any."""
+    """The resolved training config behind an exported ``folder``, if any.
+
+    A checkpoint's export (``checkpoint-XXXXXXXX/pipeline``) reads it from the checkpoint's ``COMPLETE.json`` marker;
+    a run's final export (``runs/<family>/pipeline``) from the run's ``config.json``. A ``config.json`` without an
+    ``output_dir`` and a ``data`` section is someone else's file and ignored.
+    """
     marker = folder.parent / MARKER
+    run_config = folder.parent / RUN_CONFIG
     try:
-        config = json.loads(marker.read_text()).get("config") if marker.is_file() else None
+        if marker.is_file():
+            config = json.loads(marker.read_text()).get("config")
+        elif run_config.is_file():
+            config = json.loads(run_config.read_text())
+            if not (isinstance(config, dict) and "output_dir" in config and isinstance(config.get("data"), dict)):
+                config = None
+        else:
+            config = None
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     return config if isinstance(config, dict) else None

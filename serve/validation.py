@@ -21,6 +21,7 @@ __all__ = [
     "InputError",
     "UploadLimits",
     "check_allowed_path",
+    "check_choice",
     "check_int",
     "check_number",
     "check_text",
@@ -157,6 +158,13 @@ def check_number(value: float | int | None, what: str, low: float, high: float) 
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise InputError(f"{what}: expected a number in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def check_choice(value: str | None, what: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (a dropdown's value; API callers can send anything) -> the value."""
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{what}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def check_text(value: str | None, what: str, max_chars: int) -> str:

@@ -1,12 +1,14 @@
 """The demo in a real browser: ``serve/app.py`` in a subprocess on a free loopback port, driven by headless Chromium.
 
 Debian's ``/usr/bin/chromium`` through Playwright's Python API (specs/environment.md §8: never ``playwright install``;
-``scripts/test.sh`` installs the package when it is missing). Checks: a built-in LaVin-DiT task produces an output
-image; a non-image, a zero-byte file and a 20000x20000 PNG header each give their message and the server still answers
-the next request; Gradio's file route serves neither the checkpoint nor /etc/passwd. A screenshot is written to
-``test-artifacts/serve_e2e.png``.
+``scripts/test.sh`` installs the package when it is missing). Checks: the LaVin-DiT tab lists only the run's trained
+tasks and starts on the official lavin-20 grid; a built-in task shows an upscaled query | prediction | answer image;
+uploaded images are previewed in the gallery; a non-image, a zero-byte file and a 20000x20000 PNG header each give
+their message and the server still answers the next request; Gradio's file route serves neither the checkpoint nor
+/etc/passwd. Screenshots are written to ``test-artifacts/serve_e2e*.png``.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -39,6 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 ARTIFACTS = ROOT / "test-artifacts"
+TRAINED_TASKS = ["colorization", "edge_detection", "inpainting"]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -66,11 +69,17 @@ def server(tmp_path_factory):
     transformer = LaVinDiTTransformer3DModel.from_preset("tiny", in_channels=vae.config.latent_channels)
     pipeline_dir = work / "run" / "pipeline"
     LaVinDiTPipeline(transformer, vae, FlowMatchEulerDiscreteScheduler()).save_pretrained(pipeline_dir)
+    run_config = {  # what train/lavin_dit.py writes next to its final export; guidance 1 halves the sampling cost
+        "output_dir": str(work / "run"),
+        "data": {"tasks": TRAINED_TASKS, "kinds": ["image"], "size": 32},
+        "sampling": {"time_grid": "lavin-20", "num_inference_steps": None, "guidance_scale": 1.0},
+    }
+    (work / "run" / "config.json").write_text(json.dumps(run_config))
     port = free_port()
     log = open(work / "server.log", "w")  # noqa: SIM115 - closed after the process ends
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "serve" / "app.py"), "--checkpoint", str(work / "run"), "--port", str(port)]
-    command += ["--size", "32", "--steps", "2", "--cache-dir", str(work / "cache")]
+    command += ["--steps", "2", "--cache-dir", str(work / "cache")]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 150
@@ -129,18 +138,37 @@ def test_browser_session(server, tmp_path):
             page.get_by_role("tab", name="MVDiT text-to-video").click()
             expect(page.locator("#mvdit-status")).to_contain_text("accelerate launch train/mvdit.py")
             page.get_by_role("tab", name="LaVin-DiT in-context").click()
+            defaults = page.locator("#lavin-defaults")
+            expect(defaults).to_contain_text("Tasks this checkpoint was trained on")
+            expect(defaults).to_contain_text("Resolution 32 px")
+            expect(page.locator("#lavin-time-grid input")).to_have_value("lavin-20 (official default, 19 steps)")
+            expect(page.locator("#lavin-steps")).to_be_hidden()
+            page.locator("#lavin-task input").click()
+            options = page.get_by_role("option")
+            expect(options).to_have_count(len(TRAINED_TASKS))
+            assert [
+                text.split()[-1] for text in options.all_inner_texts()
+            ] == TRAINED_TASKS  # "✓" marks the chosen one
+            page.locator("#lavin-task input").press("Escape")
 
-            # 1. a built-in task shows an output image
+            # 1. a built-in task shows query | prediction | exact answer, upscaled, and the upscaled gallery
             page.click("#lavin-run-builtin")
-            expect(page.locator("#lavin-info")).to_contain_text("colorization: 2 context pair(s)", timeout=90_000)
+            info = page.locator("#lavin-info")
+            expect(info).to_contain_text("colorization: 2 context pair(s)", timeout=90_000)
+            expect(info).to_contain_text("lavin-20 grid, 19 steps, no guidance")
             output = page.locator("#lavin-output img")
             expect(output).to_be_visible()
             first_src = output.get_attribute("src")
             assert first_src
+            assert output.evaluate("image => image.naturalHeight") >= 256
+            expect(page.locator("#lavin-gallery")).to_contain_text("exact answer")
+            page.screenshot(path=str(ARTIFACTS / "serve_e2e_builtin.png"), full_page=True)
 
             # 2. bad uploads: each gives its message, and the server stays up
             page.get_by_role("tab", name="Upload your own").click()
             page.locator("#lavin-context input[type=file]").set_input_files([uploads["input"], uploads["target"]])
+            expect(info).to_contain_text("preview: 1 context pair(s), no query yet", timeout=30_000)
+            expect(page.locator("#lavin-gallery")).to_contain_text("target 1")
             query_input = page.locator("#lavin-query input[type=file]")
             for key, message in (
                 ("text", "'notes.png' is not an image in an accepted format"),
@@ -148,7 +176,7 @@ def test_browser_session(server, tmp_path):
                 ("huge", "'huge.png' is 400.0 MP; the limit is"),
             ):
                 query_input.set_input_files(uploads[key])
-                expect(page.locator("#lavin-query")).to_contain_text(uploads[key].name)
+                expect(page.locator("#lavin-query")).to_contain_text(uploads[key].name, timeout=30_000)
                 page.click("#lavin-run-upload")
                 toast = page.locator(".toast-body").filter(has_text=message)
                 expect(toast).to_be_visible(timeout=30_000)
@@ -160,10 +188,15 @@ def test_browser_session(server, tmp_path):
             # 3. the next request still works: a good upload, then another built-in task
             query_input.set_input_files(uploads["query"])
             expect(page.locator("#lavin-query")).to_contain_text("query.png")
+            expect(info).to_contain_text("preview: 1 context pair(s), a query", timeout=30_000)
             page.click("#lavin-run-upload")
-            expect(page.locator("#lavin-info")).to_contain_text("uploaded task: 1 context pair(s)", timeout=60_000)
+            expect(info).to_contain_text("uploaded task: 1 context pair(s)", timeout=60_000)
             expect(output).to_be_visible()
             assert output.get_attribute("src") != first_src
+            gallery = page.locator("#lavin-gallery")
+            for caption in ("input 1", "target 1", "query", "prediction"):
+                expect(gallery).to_contain_text(caption)
+            page.screenshot(path=str(ARTIFACTS / "serve_e2e_upload.png"), full_page=True)
             page.get_by_role("tab", name="Built-in task").click()
             page.locator("#lavin-task input").fill("edge_detection")
             page.locator("#lavin-task input").press("Enter")

@@ -17,15 +17,37 @@ from upload_files import huge_png
 from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
 from genvis.pipelines import LaVinDiTPipeline
 from serve.handlers import (
+    DISPLAY_SIDE,
     fit_square,
+    labelled_row,
+    preview_uploads,
     run_builtin_task,
     run_chat,
     run_encoder_inspection,
     run_text_to_video,
     run_uploaded_task,
+    sampling_defaults,
+    trained_tasks,
+    upscale,
 )
-from serve.loading import CheckpointLoadError, load_encoder, load_family, load_slot, resolve_pipeline_dir
-from serve.validation import InputError, UploadLimits, check_int, check_number, check_text, load_image, pair_up
+from serve.loading import (
+    CheckpointLoadError,
+    load_encoder,
+    load_family,
+    load_slot,
+    resolve_pipeline_dir,
+    training_config,
+)
+from serve.validation import (
+    InputError,
+    UploadLimits,
+    check_choice,
+    check_int,
+    check_number,
+    check_text,
+    load_image,
+    pair_up,
+)
 
 SIZE = 32
 LIMITS = UploadLimits(max_bytes=64 * 1024, max_pixels=512 * 512, max_side=1024)
@@ -138,6 +160,9 @@ def test_field_checks():
         pair_up([None] * 3, "context pairs", 4)
     with pytest.raises(InputError, match=r"at most 1 pairs \(2 images\), got 4"):
         pair_up([None] * 4, "context pairs", 1)
+    assert check_choice("b", "time grid", ("a", "b")) == "b"
+    with pytest.raises(InputError, match=r"time grid: expected one of a, b, got None"):
+        check_choice(None, "time grid", ("a", "b"))
 
 
 def test_fit_square_keeps_the_centre():
@@ -228,20 +253,90 @@ def test_run_folder_resolves_to_newest_complete_checkpoint(tmp_path, lavin_dir):
 # LaVin-DiT handlers
 
 
+def panel_colour(image: PIL.Image.Image, column: int, row: int = 0) -> tuple[int, ...]:
+    """Colour at the centre of panel ``column`` (``row`` for stacked clips) of a :func:`labelled_row` image."""
+    side = upscale(PIL.Image.new("RGB", (SIZE, SIZE))).size[0]
+    x = column * (side + 12) + side // 2
+    y = row * (side + 30 + 12) + 30 + side // 2
+    return image.getpixel((x, y))
+
+
+def test_upscale_and_labelled_row():
+    small = PIL.Image.new("RGB", (32, 32), (10, 20, 30))
+    big = upscale(small)
+    assert big.size == (256, 256) and big.getpixel((255, 255)) == (10, 20, 30)
+    assert upscale(PIL.Image.new("RGB", (160, 32))).size == (1280, 256)  # a 5-frame strip: whole factor 8
+    assert upscale(PIL.Image.new("RGB", (300, 400))).size == (300, 400)  # already large: unchanged
+    assert upscale(PIL.Image.new("RGB", (100, 100))).size == (300, 300)  # ceil(256 / 100) = 3
+    red, blue = PIL.Image.new("RGB", (32, 32), (255, 0, 0)), PIL.Image.new("RGB", (32, 32), (0, 0, 255))
+    row = labelled_row([(red, "query"), (blue, "prediction")])
+    assert row.size == (2 * 256 + 12, 256 + 30)
+    assert panel_colour(row, 0) == (255, 0, 0) and panel_colour(row, 1) == (0, 0, 255)
+    caption = np.asarray(row.crop((0, 0, 256, 30)))
+    assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
+    strips = labelled_row([(PIL.Image.new("RGB", (96, 32)), "query"), (PIL.Image.new("RGB", (96, 32)), "prediction")])
+    assert strips.size == (768, 2 * (256 + 30) + 12)  # clips stack top to bottom
+
+
 def test_builtin_image_task(lavin):
-    result = run_builtin_task(lavin, "colorization", 2, 0, 2, 1.5, SIZE)
-    assert result.prediction.size == (SIZE, SIZE)
+    result = run_builtin_task(lavin, "colorization", 2, 0, "lavin-20", None, 1.5, SIZE)
+    assert result.prediction.size == (SIZE, SIZE)  # the model's own resolution
+    assert result.comparison.size == (3 * DISPLAY_SIDE + 2 * 12, DISPLAY_SIDE + 30)  # query | prediction | answer
     assert [caption for _, caption in result.gallery] == [
         "input 1", "target 1", "input 2", "target 2", "query", "prediction", "exact answer",
     ]  # fmt: skip
-    assert result.message.startswith("colorization: 2 context pair(s), 1 frame(s), 2 steps")
-    again = run_builtin_task(lavin, "colorization", 2, 0, 2, 1.5, SIZE)
+    assert all(image.size == (DISPLAY_SIDE, DISPLAY_SIDE) for image, _ in result.gallery)
+    shown = {caption: image for image, caption in result.gallery}
+    expected = shown["prediction"].resize((SIZE, SIZE), PIL.Image.Resampling.NEAREST)
+    assert np.array_equal(np.asarray(expected), np.asarray(result.prediction))  # nearest-neighbour, no blur
+    assert panel_colour(result.comparison, 1) == shown["prediction"].getpixel((DISPLAY_SIDE // 2, DISPLAY_SIDE // 2))
+    assert panel_colour(result.comparison, 0) == shown["query"].getpixel((DISPLAY_SIDE // 2, DISPLAY_SIDE // 2))
+    assert result.message.startswith(
+        "colorization: 2 context pair(s), 1 frame(s), lavin-20 grid, 19 steps, guidance 1.5"
+    )
+    again = run_builtin_task(lavin, "colorization", 2, 0, "lavin-20", None, 1.5, SIZE)
     assert np.array_equal(np.asarray(again.prediction), np.asarray(result.prediction))  # seeded
+    uniform = run_builtin_task(lavin, "colorization", 2, 0, "uniform", 2, 1.0, SIZE)
+    assert "uniform grid, 2 steps, no guidance" in uniform.message
 
 
 def test_builtin_video_task_is_a_filmstrip(lavin):
-    result = run_builtin_task(lavin, "frame_prediction", 1, 0, 1, 1.0, SIZE)
+    result = run_builtin_task(lavin, "frame_prediction", 1, 0, "uniform", 1, 1.0, SIZE)
     assert result.prediction.size == (5 * SIZE, SIZE)  # 5 frames side by side
+    assert result.comparison.size == (5 * DISPLAY_SIDE, 3 * (DISPLAY_SIDE + 30) + 2 * 12)  # strips stacked
+
+
+@pytest.fixture
+def recorded_calls(monkeypatch):
+    """Every keyword set the handlers pass to ``LaVinDiTPipeline.__call__`` (the real call still runs)."""
+    calls = []
+    original = LaVinDiTPipeline.__call__
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LaVinDiTPipeline, "__call__", recording)
+    return calls
+
+
+def test_default_sampling_is_the_official_grid(lavin, recorded_calls, tmp_path):
+    defaults = sampling_defaults(None)  # what the tab starts with when the run says nothing
+    assert (defaults.time_grid, defaults.guidance) == ("lavin-20", 1.5)
+    run_builtin_task(lavin, "colorization", 1, 0, defaults.time_grid, defaults.steps, defaults.guidance, SIZE)
+    files = [save_image(tmp_path / "in.png"), save_image(tmp_path / "out.png", color=(0, 0, 250))]
+    query = save_image(tmp_path / "query.png")
+    run_uploaded_task(
+        lavin, files, query, defaults.time_grid, defaults.steps, defaults.guidance, 0, SIZE, LIMITS, [tmp_path]
+    )
+    for kwargs in recorded_calls:
+        assert kwargs["time_grid"] == "lavin-20" and "num_inference_steps" not in kwargs and "sigmas" not in kwargs
+        assert kwargs["guidance_scale"] == 1.5
+    run_builtin_task(lavin, "colorization", 1, 0, "lavin-40", 999, 1.0, SIZE)  # steps are ignored off uniform
+    run_builtin_task(lavin, "colorization", 1, 0, "uniform", 3, 1.0, SIZE)
+    assert recorded_calls[-2]["time_grid"] == "lavin-40" and "num_inference_steps" not in recorded_calls[-2]
+    assert recorded_calls[-1]["num_inference_steps"] == 3 and "time_grid" not in recorded_calls[-1]
+    assert len(recorded_calls) == 4
 
 
 @pytest.mark.parametrize(
@@ -249,29 +344,43 @@ def test_builtin_video_task_is_a_filmstrip(lavin):
     [
         ({"task": "teleportation"}, r"task: expected one of colorization, .*got 'teleportation'"),
         ({"num_pairs": 9}, r"context pairs: expected a whole number in \[1, 4\], got 9"),
-        ({"steps": 500}, r"sampling steps: expected a whole number in \[1, 50\], got 500"),
+        (
+            {"time_grid": "lavin-25"},
+            r"time grid: expected one of lavin-20, lavin-30, lavin-40, uniform, got 'lavin-25'",
+        ),
+        ({"time_grid": None}, r"time grid: expected one of lavin-20, .*, got None"),
+        ({"time_grid": "uniform", "steps": 500}, r"sampling steps: expected a whole number in \[1, 50\], got 500"),
+        ({"time_grid": "uniform", "steps": 0}, r"sampling steps: expected a whole number in \[1, 50\], got 0"),
+        ({"time_grid": "uniform", "steps": None}, r"sampling steps: expected a whole number in \[1, 50\], got None"),
         ({"guidance": -1}, r"guidance scale: expected a number in \[0.0, 10.0\], got -1"),
         ({"seed": -3}, r"seed: expected a whole number in \[0, 2147483647\], got -3"),
+        ({"tasks": ["edge_detection"]}, r"task: expected one of edge_detection, got 'colorization'"),
     ],
 )
 def test_builtin_task_refusals(lavin, kwargs, message):
-    args = {"task": "colorization", "num_pairs": 1, "seed": 0, "steps": 1, "guidance": 1.0, **kwargs}
+    args = {"task": "colorization", "num_pairs": 1, "seed": 0, "time_grid": "lavin-20", "steps": 1, "guidance": 1.0}
     with pytest.raises(InputError, match=message):
-        run_builtin_task(lavin, size=SIZE, **args)
+        run_builtin_task(lavin, size=SIZE, **{**args, **kwargs})
 
 
 def test_uploaded_task_and_bad_uploads(lavin, tmp_path):
-    files = [
-        save_image(tmp_path / f"{name}.png", color=color) for name, color in (("in", (9, 9, 9)), ("out", (250, 0, 0)))
-    ]
-    query = save_image(tmp_path / "query.jpg", size=(64, 48))
-    result = run_uploaded_task(lavin, files, query, 2, 1.5, 0, SIZE, LIMITS, [tmp_path])
-    assert result.prediction.size == (SIZE, SIZE) and len(result.gallery) == 4
-    assert result.message.startswith("uploaded task: 1 context pair(s), 2 steps")
+    colours = {"in": (9, 9, 9), "out": (250, 0, 0), "query": (200, 30, 30)}
+    files = [save_image(tmp_path / f"{name}.png", color=colours[name]) for name in ("in", "out")]
+    query = save_image(tmp_path / "query.jpg", size=(64, 48), color=colours["query"])
+    result = run_uploaded_task(lavin, files, query, "uniform", 2, 1.5, 0, SIZE, LIMITS, [tmp_path])
+    assert result.prediction.size == (SIZE, SIZE)
+    assert [caption for _, caption in result.gallery] == ["input 1", "target 1", "query", "prediction"]
+    assert all(image.size == (DISPLAY_SIDE, DISPLAY_SIDE) for image, _ in result.gallery)
+    centre = (DISPLAY_SIDE // 2, DISPLAY_SIDE // 2)
+    for (image, _), name in zip(result.gallery[:2], ("in", "out"), strict=True):
+        assert image.getpixel(centre) == colours[name]  # the uploads themselves are shown
+    assert result.comparison.size == (2 * DISPLAY_SIDE + 12, DISPLAY_SIDE + 30)  # query | prediction
+    assert np.abs(np.subtract(panel_colour(result.comparison, 0), colours["query"])).max() <= 8  # a JPEG query
+    assert result.message.startswith("uploaded task: 1 context pair(s), uniform grid, 2 steps, guidance 1.5")
 
     def refused(context, query_file, message):
         with pytest.raises(InputError, match=message):
-            run_uploaded_task(lavin, context, query_file, 2, 1.5, 0, SIZE, LIMITS, [tmp_path])
+            run_uploaded_task(lavin, context, query_file, "lavin-20", None, 1.5, 0, SIZE, LIMITS, [tmp_path])
 
     (tmp_path / "zero.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
@@ -282,8 +391,73 @@ def test_uploaded_task_and_bad_uploads(lavin, tmp_path):
     refused(files[:1], query, "context pairs: expected an even number of images")
     refused([], query, "context pairs: expected at least one")
     refused(files, None, "query image: expected an uploaded image, got nothing")
+    with pytest.raises(InputError, match="time grid: expected one of"):
+        run_uploaded_task(lavin, files, query, "fast", 2, 1.5, 0, SIZE, LIMITS, [tmp_path])
     # after all that the handler still serves a good request
-    assert run_uploaded_task(lavin, files, query, 1, 1.0, 1, SIZE, LIMITS, [tmp_path]).prediction.size == (SIZE, SIZE)
+    again = run_uploaded_task(lavin, files, query, "lavin-20", None, 1.0, 1, SIZE, LIMITS, [tmp_path])
+    assert again.prediction.size == (SIZE, SIZE)
+
+
+def test_upload_preview_shows_uploads_and_refusals(tmp_path):
+    files = [save_image(tmp_path / "a.png", color=(0, 200, 0)), save_image(tmp_path / "b.png", color=(0, 0, 200))]
+    (tmp_path / "text.png").write_text("not an image")
+    items, summary = preview_uploads([*files, files[0]], files[1], SIZE, LIMITS, [tmp_path])
+    assert [caption for _, caption in items] == ["input 1", "target 1", "input 2", "query"]
+    assert items[0][0].size == (DISPLAY_SIDE, DISPLAY_SIDE) and items[0][0].getpixel((5, 5)) == (0, 200, 0)
+    assert summary.startswith("preview: 1 context pair(s) and an input without its target, a query")
+    items, summary = preview_uploads(files, tmp_path / "text.png", SIZE, LIMITS, [tmp_path])
+    assert [caption for _, caption in items] == ["input 1", "target 1"]
+    assert "refused: query image: 'text.png' is not an image" in summary
+    items, summary = preview_uploads(None, None, SIZE, LIMITS, [tmp_path])
+    assert items == [] and summary == "preview: 0 context pair(s), no query yet, shown at 32 px as the model sees them"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# what the LaVin-DiT tab offers: the run's trained tasks and sampling defaults
+
+
+def test_trained_tasks_come_from_the_run_config():
+    from genvis.tasks import list_tasks
+
+    listed = trained_tasks({"data": {"tasks": ["edge_detection", "inpainting"], "kinds": ["image"]}})
+    assert listed.names == ["edge_detection", "inpainting"] and listed.from_config
+    assert "`data.tasks`" in listed.note
+    by_kind = trained_tasks({"data": {"tasks": None, "kinds": ["video"]}})
+    assert by_kind.names == list_tasks("video") and "`data.kinds` = video" in by_kind.note
+    assert trained_tasks({"data": {"tasks": [], "kinds": ["image", "video"]}}).names == list_tasks()  # as training
+    renamed = trained_tasks({"data": {"tasks": ["colorization", "old_task"]}})
+    assert renamed.names == ["colorization"] and "left out: old_task" in renamed.note
+    for config in (None, {}, {"data": "broken"}, {"data": {"tasks": ["old_task"]}}):
+        fallback = trained_tasks(config)
+        assert fallback.names == list_tasks("image") and not fallback.from_config
+        assert "listing every built-in image task" in fallback.note
+
+
+def test_sampling_defaults_come_from_the_run_config():
+    run = sampling_defaults({"sampling": {"time_grid": "lavin-30", "guidance_scale": 2.5}})
+    assert (run.time_grid, run.steps, run.guidance) == ("lavin-30", 10, 2.5)
+    uniform = sampling_defaults({"sampling": {"time_grid": None, "num_inference_steps": 8, "guidance_scale": 1}})
+    assert (uniform.time_grid, uniform.steps, uniform.guidance) == ("uniform", 8, 1.0)
+    assert "from the run's `sampling` config" in uniform.note
+    for config in (None, {"sampling": {"time_grid": "euler-7", "guidance_scale": 99}}, {"sampling": None}):
+        defaults = sampling_defaults(config, steps=4)
+        assert (defaults.time_grid, defaults.steps, defaults.guidance) == ("lavin-20", 4, 1.5)
+        assert "the official `lavin-20` grid" in defaults.note
+
+
+def test_training_config_of_run_and_checkpoint_exports(tmp_path, lavin_dir):
+    run = tmp_path / "run"
+    (run / "pipeline").mkdir(parents=True)
+    config = {"output_dir": str(run), "data": {"tasks": ["denoising"], "size": 32}, "sampling": {}}
+    (run / "config.json").write_text(json.dumps(config))
+    assert training_config(run / "pipeline") == config
+    (run / "config.json").write_text(json.dumps({"_class_name": "SomethingElse"}))  # not a training config
+    assert training_config(run / "pipeline") is None
+    checkpoint = tmp_path / "checkpoint-00000004"
+    (checkpoint / "pipeline").mkdir(parents=True)
+    (checkpoint / "COMPLETE.json").write_text(json.dumps({"step": 4, "config": config}))
+    assert training_config(checkpoint / "pipeline") == config
+    assert training_config(lavin_dir) is None  # an export with nothing around it
 
 
 # ------------------------------------------------------------------------------------------------------------------
