@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks" / "learning")
     parser.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # tiny models: thread sync costs more than it saves (20x on a loaded 2-core box)
     results = []
     runs = []
     if args.lavin_run is not None:

@@ -52,6 +52,14 @@ class Episode:
         return [*ordered, self.query, self.query_target]
 
 
+MAX_COLOUR_REDRAWS = 32  # colour tasks redraw greyscale sources at most this often (the pools are mostly colour)
+
+
+def is_greyscale(clip: torch.Tensor, tolerance: float = 0.02) -> bool:
+    """True when every pixel's channels agree within ``tolerance`` (on the [-1, 1] scale): a grey image or clip."""
+    return bool((clip.amax(dim=0) - clip.amin(dim=0)).max() <= tolerance)
+
+
 def _check_size(size: int) -> None:
     # 8x: the ST-VAE's spatial compression (also covers the x4 super-resolution tasks); 16: procedural videos.
     if not isinstance(size, int) or size < 16 or size % 8:
@@ -92,6 +100,10 @@ def sample_episode(
     pairs, source_ids = [], []
     for _ in range(num_pairs + 1):
         source = sample_source(task.source, rng, task.source_num_frames, size, split)
+        for _ in range(MAX_COLOUR_REDRAWS if task.colour_sources else 0):
+            if not is_greyscale(source.pixels):
+                break
+            source = sample_source(task.source, rng, task.source_num_frames, size, split)
         pairs.append(task.make_pair(source, rng))
         source_ids.append(source.source_id)
     query, query_target = pairs.pop()

@@ -59,6 +59,8 @@ class InContextTask:
         source_windows: source frames = ``source_windows * num_frames`` (frame prediction reads input + future).
         min_frames: smallest ``num_frames`` for which the task is defined.
         reverse_of: name of the task this one inverts, if any.
+        colour_sources: draw only sources with colour (greyscale ones are redrawn): on a grey source colorization and
+            decolorization are the identity, which teaches nothing and makes copy-the-query exact.
     """
 
     name: str
@@ -71,6 +73,7 @@ class InContextTask:
     source_windows: int = 1
     min_frames: int = 1
     reverse_of: str | None = None
+    colour_sources: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "video"):
@@ -200,9 +203,9 @@ def _task_list() -> tuple[InContextTask, ...]:
     labelled_video = {"kind": "video", "source": "procedural_video", "num_frames": DEFAULT_VIDEO_FRAMES}
     return (
         InContextTask("colorization", **image, input_description="greyscale (BT.601 luma in 3 channels)",
-                      target_description="the RGB image", build_pair=_colorization),
+                      target_description="the RGB image", build_pair=_colorization, colour_sources=True),
         InContextTask("decolorization", **image, input_description="RGB image", target_description="its greyscale",
-                      build_pair=_decolorization, reverse_of="colorization"),
+                      build_pair=_decolorization, reverse_of="colorization", colour_sources=True),
         InContextTask("edge_detection", **image, input_description="RGB image",
                       target_description="binary Canny edges (sigma 1.5) of its luma, white on black",
                       build_pair=_edge_detection),
@@ -238,7 +241,7 @@ def _task_list() -> tuple[InContextTask, ...]:
         InContextTask("video_reversal", **video, input_description="clip", target_description="the clip played backwards",
                       build_pair=_video_reversal, reverse_of="video_reversal"),
         InContextTask("video_colorization", **video, input_description="greyscale clip",
-                      target_description="the RGB clip", build_pair=_colorization),
+                      target_description="the RGB clip", build_pair=_colorization, colour_sources=True),
         InContextTask("video_foreground_segmentation", **labelled_video, input_description="procedural video",
                       target_description="exact per-frame foreground masks, white on black",
                       build_pair=_foreground_segmentation),

@@ -224,3 +224,21 @@ def test_source_dataset_clips():
     assert not torch.equal(videos[0], videos[1])
     with pytest.raises(ValueError, match="num_frames"):
         SourceDataset("image", num_frames=5)
+
+
+def test_colour_tasks_never_draw_greyscale_sources():
+    """On a grey source colorization / decolorization are the identity (copy-the-query exact): such sources are redrawn."""
+    from genvis.tasks.episodes import is_greyscale
+
+    assert get_task("colorization").colour_sources and get_task("decolorization").colour_sources
+    assert not get_task("denoising").colour_sources
+    grey_seen = 0
+    for seed in range(40):
+        for name in ("colorization", "decolorization"):
+            episode = sample_episode(name, 2, seed, size=32, split="test")
+            colour = [pair[1] if name == "colorization" else pair[0] for pair in episode.context_pairs]
+            colour.append(episode.query_target if name == "colorization" else episode.query)
+            assert not any(is_greyscale(clip) for clip in colour), (name, seed, episode.source_ids)
+        denoise = sample_episode("denoising", 2, seed, size=32, split="test")
+        grey_seen += sum(is_greyscale(pair[1]) for pair in denoise.context_pairs)
+    assert grey_seen > 0  # the pools do hold grey images: the check above is not vacuous
