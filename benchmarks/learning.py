@@ -10,6 +10,10 @@ LaVin-DiT, on held-out episodes (held-out sources, seeds never used by the train
 - query reliance: the answer is closer to its own target than to another query's target of the same task (chance 0.5);
 - per task PSNR (IoU for binary maps) against copy-the-query, the task's mean target (one constant image per task)
   and a random-init model of the same configuration, and how many tasks beat copy / are within 2 dB of it.
+MVDiT (`train/mvdit.py` default preset): the run's `caption_eval.json` (written at the end of training by
+`genvis.pipelines.mvdit_evaluation`): per attribute read back from the generated clips (background colour, shape colour,
+shape kind, motion direction), on trained captions and on held-out caption combinations, next to chance and to the
+same clips scored against shuffled captions.
 The numbers go in BENCHMARKS.md ("Learning").
 """
 
@@ -36,10 +40,10 @@ from genvis.tasks import list_tasks, sample_episode  # noqa: E402
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 
-def train(config: Path, output_dir: Path) -> float:
-    """``accelerate launch train/lavin_dit.py --config config`` into ``output_dir``; returns the wall seconds."""
+def train(config: Path, output_dir: Path, script: str = "lavin_dit.py") -> float:
+    """``accelerate launch train/<script> --config config`` into ``output_dir``; returns the wall seconds."""
     command = [str(ACCELERATE), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(ROOT / "train" / "lavin_dit.py"), "--config", str(config),
+               "--dynamo_backend", "no", str(ROOT / "train" / script), "--config", str(config),
                "--set", f"output_dir={output_dir}", "--set", "checkpoint.resume=false"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     start = time.perf_counter()
@@ -125,10 +129,24 @@ def print_lavin(r: dict) -> None:
           f"{r['random_init_query_reliance']:.3f})")  # fmt: skip
 
 
+def score_mvdit(run: Path) -> dict:
+    report = json.loads((run / "caption_eval.json").read_text())
+    print(f"\n== MVDiT ({run}): caption following, {report['num_trained']} trained / {report['num_held_out']} held-out "
+          "captions ==")  # fmt: skip
+    print(f"{'attribute':12s} {'trained':>8s} {'held-out':>9s} {'chance':>7s} {'shuffled':>9s}")
+    for attribute in ("background", "color", "kind", "motion", "all"):
+        print(f"{attribute:12s} {report['trained'][attribute]:8.2f} {report['held_out'][attribute]:9.2f} "
+              f"{report['chance'][attribute]:7.2f} {report['shuffled_captions'][attribute]:9.2f}")  # fmt: skip
+    return {"label": "mvdit default", "run": str(run), **{k: report[k] for k in
+            ("trained", "held_out", "chance", "shuffled_captions")}}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lavin-run", type=Path, default=None, help="score this run instead of training one")
     parser.add_argument("--lavin-official", action="store_true", help="also train + score tiny_official.yaml")
+    parser.add_argument("--mvdit-run", type=Path, default=None, help="score this MVDiT run instead of training one")
+    parser.add_argument("--skip-mvdit", action="store_true")
     parser.add_argument("--episodes-per-task", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks" / "learning")
     parser.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
@@ -150,6 +168,13 @@ def main() -> None:
         if seconds is not None:
             print(f"train wall time: {seconds:.0f} s (target <= 600 s on 2 idle cores)")
         results.append(result)
+    if not args.skip_mvdit:
+        mvdit_run, seconds = args.mvdit_run, None
+        if mvdit_run is None:
+            mvdit_run = args.out / "mvdit"
+            seconds = train(ROOT / "train/configs/mvdit/tiny.yaml", mvdit_run, script="mvdit.py")
+            print(f"MVDiT train wall time: {seconds:.0f} s (target <= 600 s on 2 idle cores)")
+        results.append(score_mvdit(mvdit_run) | {"train_wall_seconds": seconds})
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
