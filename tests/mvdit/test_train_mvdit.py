@@ -264,3 +264,34 @@ def test_default_preset_follows_captions_on_a_small_budget(tmp_path):
     assert held_out["background"] >= chance["background"] + 0.4, scores
     assert trained["color"] >= chance["color"] + 0.3, scores
     assert held_out["color"] >= chance["color"] + 0.25, scores
+
+
+def test_builtin_root_with_other_captions_is_not_reused(tmp_path):
+    from data_pipelines.datasets import ensure_builtin_shards
+    from genvis.data.builtin import VideoAttributes
+
+    clips = [VideoAttributes("blue", "red", "circle", "left to right")]
+    options = {"num_frames": 17, "size": 64, "real_videos": False, "num_workers": 1}
+    shards = ensure_builtin_shards(tmp_path, attributes=clips, **options)
+    assert ensure_builtin_shards(tmp_path, attributes=clips, **options) == shards  # same settings: reused
+    with pytest.raises(ValueError, match="builtin_root"):
+        ensure_builtin_shards(tmp_path, attributes=[clips[0]._replace(color="green")], **options)
+    with pytest.raises(ValueError, match="builtin_root"):
+        ensure_builtin_shards(tmp_path, **options)  # random captions on a combinations folder
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "train" / "configs" / "mvdit").glob("*.yaml")))
+def test_every_preset_loads_and_states_its_expectations(preset):
+    sys.path.insert(0, str(REPO / "train"))
+    try:
+        import mvdit as script
+    finally:
+        sys.path.pop(0)
+    from genvis.training.config import load_config
+
+    path = REPO / "train" / "configs" / "mvdit" / preset
+    config = load_config(script.TrainConfig, path)
+    if config.vae.kind == "pixel":  # the others need a trained VAE folder
+        script.check_config(config)
+    header = path.read_text().split("output_dir:")[0]
+    assert "accelerate launch train/mvdit.py" in header and "Expected" in header
