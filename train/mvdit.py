@@ -650,7 +650,8 @@ def evaluate_captions(
         "trained": reports["trained"]["accuracy"],
         "held_out": reports["held_out"]["accuracy"],
         "chance": reports["trained"]["chance"],
-        "shuffled_captions": {split: report["shuffled"] for split, report in reports.items()},
+        "shuffled_captions": reports["trained"]["shuffled"],  # trained clips vs the other trained captions
+        "shuffled_captions_held_out": reports["held_out"]["shuffled"],
         "num_trained": reports["trained"]["n"],
         "num_held_out": reports["held_out"]["n"],
         "num_inference_steps": steps,

@@ -231,7 +231,8 @@ def test_accelerate_launch_default_preset(tmp_path):
     assert not config["learn_sigma"] and config["in_channels"] == 3 and config["text_embed_dim"] == 384
     scores = json.loads((output_dir / "caption_eval.json").read_text())
     assert scores["num_trained"] == 4 and scores["num_held_out"] > 0
-    assert set(scores["held_out"]) == {"background", "color", "kind", "motion", "all"}
+    for key in ("trained", "held_out", "chance", "shuffled_captions", "shuffled_captions_held_out"):
+        assert set(scores[key]) == {"background", "color", "kind", "motion", "all"}, key
     assert (output_dir / "samples" / "caption_eval-00000002.png").is_file()
     assert (output_dir / "samples" / "samples-00000002.png").is_file()
 
