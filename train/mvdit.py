@@ -59,6 +59,7 @@ from genvis.training import (
     config_from_args,
     config_to_dict,
     create_ema,
+    log_image,
     progress_bar,
     setup_accelerator,
 )
@@ -595,16 +596,6 @@ def _generate(pipe: MVDiTPipeline, config: TrainConfig, prompts: list[str], step
     return torch.cat(clips)
 
 
-def _log_grid(accelerator, grid, tag: str, step: int, output_dir: str) -> Path:
-    path = Path(output_dir) / "samples" / f"{tag}-{step:08d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({tag: np.asarray(grid)}, step=step, dataformats="HWC")
-    return path
-
-
 @torch.no_grad()
 def log_samples(
     accelerator, config: TrainConfig, pipe: MVDiTPipeline, prompts: list[str], step: int, held_out: set[str]
@@ -618,7 +609,7 @@ def log_samples(
             export_video((video + 1) / 2, folder / f"step{step:08d}-{index}.{fmt}", fps=sampling.fps)
         (folder / f"step{step:08d}-{index}.txt").write_text(prompt + "\n")
     labels = [f"[held-out] {p}" if p in held_out else p for p in prompts]
-    _log_grid(accelerator, labelled_clip_grid(list(videos), labels), "samples", step, config.output_dir)
+    log_image(accelerator, "samples", labelled_clip_grid(list(videos), labels), step, config.output_dir)
 
 
 @torch.no_grad()
@@ -660,7 +651,7 @@ def evaluate_captions(
     output_dir = Path(config.output_dir)
     details = {**result, "per_clip": {split: report["per_clip"] for split, report in reports.items()}}
     (output_dir / "caption_eval.json").write_text(json.dumps(details, indent=2))
-    _log_grid(accelerator, labelled_clip_grid(rows, labels), "caption_eval", config.schedule.max_steps, output_dir)
+    log_image(accelerator, "caption_eval", labelled_clip_grid(rows, labels), config.schedule.max_steps, output_dir)
     accelerator.log(
         {f"eval/{split}_{name}": value for split in ("trained", "held_out") for name, value in result[split].items()},
         step=config.schedule.max_steps,

@@ -18,7 +18,7 @@ from genvis.training.config import (
 )
 from genvis.training.ema import EMAConfig, create_ema, ema_weights
 from genvis.training.guard import NonFiniteGuard, NonFiniteLossError
-from genvis.training.logging import log_image_grid, make_grid, to_pil
+from genvis.training.logging import log_image, log_image_grid, make_grid, to_pil
 from genvis.training.setup import flatten_for_tracker, progress_bar, setup_accelerator
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "find_latest_checkpoint",
     "flatten_for_tracker",
     "load_config",
+    "log_image",
     "log_image_grid",
     "make_grid",
     "progress_bar",

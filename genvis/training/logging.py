@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["log_image_grid", "make_grid", "to_pil"]
+__all__ = ["log_image", "log_image_grid", "make_grid", "to_pil"]
 
 
 def to_pil(image: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:
@@ -93,11 +93,19 @@ def log_image_grid(
     """
     if not accelerator.is_main_process:
         return None
-    grid = make_grid(rows, **grid_options)
+    return log_image(accelerator, tag, make_grid(rows, **grid_options), step, output_dir)
+
+
+def log_image(
+    accelerator: Accelerator, tag: str, image: Image.Image, step: int, output_dir: str | os.PathLike
+) -> Path | None:
+    """Write a ready image (e.g. a labelled grid) to ``<output_dir>/samples/<tag>-<step>.png`` + TensorBoard."""
+    if not accelerator.is_main_process:
+        return None
     path = Path(output_dir) / "samples" / f"{tag}-{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    image.save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({tag: np.asarray(grid)}, step=step, dataformats="HWC")
+            tracker.log_images({tag: np.asarray(image)}, step=step, dataformats="HWC")
     return path
