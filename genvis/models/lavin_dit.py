@@ -518,12 +518,15 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         length (the unconditional ``[zero frame, query]`` branch) has no pairs and gets a zero vector.
         """
         patch = self.context_embedder.patch_size
+        # a sample without pairs still touches every pair_encoder weight (times 0): under DDP each rank then reduces
+        # the same gradients even when all its samples had their context dropped
+        no_pairs = sum(p.sum() for p in self.pair_encoder.parameters()) * 0.0
         vectors = []
         for context, target in zip(contexts, targets):  # per sample: (C, T_c, H, W), (C, T_x, H, W)
             frames, clip = context.shape[1], target.shape[1]
             num_pairs, rest = divmod(frames - clip, 2 * clip)
             if rest or num_pairs < 1:
-                vectors.append(self.pair_encoder[-1].bias.new_zeros(self.inner_dim))
+                vectors.append(no_pairs.expand(self.inner_dim))
                 continue
             pairs = context[:, : 2 * num_pairs * clip].unflatten(1, (num_pairs, 2, clip))  # (C, N, 2, T_x, H, W)
             inputs, _ = patchify(pairs[:, :, 0].flatten(1, 2)[None], patch)  # (1, N*T_x*h*w, C*p*p)
