@@ -8,10 +8,6 @@ official recipe and pass on the default one.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -24,17 +20,8 @@ from genvis.tasks import TaskMixture, list_tasks, sample_episode
 from genvis.tasks.episodes import Episode
 from genvis.training import load_config
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = {"in_channels": 12, "num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2, "attention_head_dim": 24}
 GENVIS = {"query_skip": True, "context_summary": True, "prediction_type": "query_residual"}
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_lavin_dit_learning", ROOT / "train" / "lavin_dit.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pipeline(model) -> LaVinDiTPipeline:
@@ -184,8 +171,8 @@ def test_reliance_needs_two_tasks_with_two_episodes():
         (["sampling.num_inference_steps=10"], "sampling.time_grid and sampling.num_inference_steps"),
     ],
 )
-def test_configs_that_cannot_learn_fail_at_start_up(overrides, message):
-    script = _load_script()
+def test_configs_that_cannot_learn_fail_at_start_up(overrides, message, lavin_script):
+    script = lavin_script
     cfg = load_config(script.TrainConfig, script.DEFAULT_CONFIG, overrides)
     with pytest.raises(ValueError, match=message):
         script.check_config(cfg, script.build_vae(cfg.vae))
@@ -249,10 +236,9 @@ CONTEXT_MARGIN, QUERY_MARGIN = 0.6, 0.85  # chance 0.5; the official recipe meas
 
 
 @pytest.mark.slow
-def test_default_recipe_reads_its_context_and_its_query_at_a_small_budget(one_thread):
+def test_default_recipe_reads_its_context_and_its_query_at_a_small_budget(one_thread, lavin_script):
     """300 steps of the default recipe (tiny.yaml's model, loss, lr, pairs) on the 12 image tasks, held-out scores."""
-    script = _load_script()
-    cfg = script.TrainConfig()
+    cfg = lavin_script.TrainConfig()
     tasks = list_tasks("image")
     mixture = TaskMixture(tasks=tasks, num_pairs=tuple(cfg.data.num_pairs), size=cfg.data.size, seed=0)
     torch.manual_seed(0)

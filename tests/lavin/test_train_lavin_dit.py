@@ -8,7 +8,6 @@ RectifiedFlow, sample_generators, LaVinDiTPipeline, evaluate_in_context); the e2
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import signal
@@ -30,14 +29,6 @@ from genvis.training import load_config
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "train" / "lavin_dit.py"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_lavin_dit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,8 +108,8 @@ def test_more_context_pairs_does_not_hurt_on_held_out_episodes(trained):
     assert mean_three >= mean_one - 0.5, (scores_one, scores_three)
 
 
-def test_default_preset_file_matches_the_config_dataclass():
-    script = _load_script()
+def test_default_preset_file_matches_the_config_dataclass(lavin_script):
+    script = lavin_script
     assert load_config(script.TrainConfig, script.DEFAULT_CONFIG) == script.TrainConfig()
 
 
