@@ -536,24 +536,17 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
 
     def _embed_target(self, target: torch.Tensor, context: torch.Tensor):
         """Target tokens of ``(B, C, T_x, H, W)`` latents (+ the query skip over the last ``T_x`` condition frames)."""
-        patches, grid = patchify(target, self.target_embedder.patch_size)
-        return self.target_embedder_norm(self._target_tokens(patches, context, target.shape[2])), grid
+        patch = self.target_embedder.patch_size
+        patches, grid = patchify(target, patch)
+        query = patchify(context[:, :, -target.shape[2] :], patch)[0] if self.query_embedder is not None else None
+        return self.target_embedder_norm(self._target_tokens(patches, query)), grid
 
-    def _target_tokens(self, patches: torch.Tensor, context, num_frames) -> torch.Tensor:
-        """Embed target patches; with ``query_skip`` add the embedded query patches at the same positions.
-
-        ``context`` is a ``(B, C, T_c, H, W)`` batch (``num_frames`` an int) or a list of ``(C, T_c, H, W)`` samples
-        (``num_frames`` a list); the query is the last ``num_frames`` condition frames of each sample.
-        """
+    def _target_tokens(self, patches: torch.Tensor, query_patches: torch.Tensor | None) -> torch.Tensor:
+        """Embed target patches; with ``query_skip`` add the embedded query patches at the same positions."""
         tokens = self.target_embedder.forward_patches(patches)
         if self.query_embedder is None:
             return tokens
-        patch = self.query_embedder.patch_size
-        if isinstance(context, torch.Tensor):
-            query, _ = patchify(context[:, :, -num_frames:], patch)
-        else:
-            query = torch.cat([patchify(c[None, :, -n:], patch)[0][0] for c, n in zip(context, num_frames)])
-        return tokens + self.query_embedder.forward_patches(query)
+        return tokens + self.query_embedder.forward_patches(query_patches)
 
     def _positions(self, context_grid, target_grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         # frames are told apart only by t: context 0..T_c-1, target T_c..; every frame shares the spatial grid
@@ -693,9 +686,9 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             target_grids.append(x_grid)
         # one embedding call per stream over all samples: (sum N, C*p*p) -> (1, sum N, D)
         context_tokens = self.context_embedder_norm(self.context_embedder.forward_patches(torch.cat(context_patches)))
-        target_tokens = self.target_embedder_norm(
-            self._target_tokens(torch.cat(target_patches), contexts, [t.shape[1] for t in targets])
-        )
+        # the query is the tail of each condition stream: its patches are the last rows of the context patches
+        query_patches = torch.cat([c[-len(x) :] for c, x in zip(context_patches, target_patches)])
+        target_tokens = self.target_embedder_norm(self._target_tokens(torch.cat(target_patches), query_patches))
         c_lengths = torch.tensor([t.shape[0] for t in context_patches], device=device)
         x_lengths = torch.tensor([t.shape[0] for t in target_patches], device=device)
         num_context = int(c_lengths.sum())
