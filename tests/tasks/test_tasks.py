@@ -209,6 +209,13 @@ def test_task_mixture_is_deterministic_and_respects_its_arguments():
     loader = DataLoader(mixture, batch_size=4, collate_fn=collate_episodes)
     batch = next(iter(loader))
     assert len(batch) == 4 and batch[0].task == episodes[0].task
+    for got, want in zip(batch, episodes[:4], strict=True):
+        assert got.num_pairs == want.num_pairs and got.source_ids == want.source_ids
+        assert all(torch.equal(a, b) for a, b in zip(got.clips(), want.clips(), strict=True))
+    # one shared block per batch: a worker sends one file descriptor, not one per clip
+    assert len({clip.untyped_storage().data_ptr() for episode in batch for clip in episode.clips()}) == 1
+    worker_batch = next(iter(DataLoader(mixture, batch_size=4, collate_fn=collate_episodes, num_workers=1)))
+    assert all(torch.equal(a, b) for a, b in zip(worker_batch[3].clips(), episodes[3].clips(), strict=True))
     video_only = TaskMixture(kinds=("video",), num_frames=9, size=SIZE, length=2)
     assert all(task.kind == "video" and task.num_frames == 9 for task in video_only.tasks)
     with pytest.raises(ValueError, match="weights"):
