@@ -24,36 +24,44 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import re
+import stat
 import sys
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import webdataset as wds
 from tqdm.auto import tqdm
 
 from data_pipelines.probe import (
     DEFAULT_PROBE_FN,
+    DecoderMissingError,
     ProbePool,
     ProbeRequest,
     ProbeResult,
     VideoLocation,
-    read_video_bytes,
+    open_video_stream,
+    probe_decoder,
 )
 from genvis.data.schema import (
+    CAPTION_EXT,
     CSV_COLUMNS,
     INNER_PATH_COLUMN,
     JOURNAL_NAME,
     MANIFEST_NAME,
+    METADATA_EXT,
     REJECTED_NAME,
     SCHEMA_VERSION,
     SHARD_PATTERN,
+    VIDEO_EXTS,
     ZIP_COLUMN,
     normalize_header,
     resolve_columns,
@@ -230,6 +238,14 @@ class CsvSchemaError(ValueError):
     """The CSV cannot be used at all (unreadable, or a required column is missing)."""
 
 
+class OutputConflictError(FileExistsError):
+    """``--out`` holds files under the builder's output names that this build did not write; nothing was touched."""
+
+
+class BuildEnvironmentError(RuntimeError):
+    """Probing failed for a reason of this machine (no decoder), not of the videos; no row was rejected for it."""
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -239,7 +255,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _parse_cell(raw: str, kind: str) -> Any:
-    """Parse a cell as ``kind``; raises ValueError with 'expected ... got ...'."""
+    """Parse a cell as ``kind`` (``NaN`` is None, a missing value); raises ValueError with 'expected ... got ...'."""
     text = raw.strip()
     if kind == "str":
         return text
@@ -247,6 +263,8 @@ def _parse_cell(raw: str, kind: str) -> Any:
         number = float(text)
     except ValueError:
         raise ValueError(f"expected a {'number' if kind == 'float' else 'whole number'}, got {raw!r}") from None
+    if math.isnan(number):
+        return None  # pandas writes a missing score as NaN; only a filter on this column needs a value
     if not math.isfinite(number):
         raise ValueError(f"expected a finite number, got {raw!r}")
     if kind == "int":
@@ -254,6 +272,40 @@ def _parse_cell(raw: str, kind: str) -> Any:
             raise ValueError(f"expected a whole number, got {raw!r}")
         return int(number)
     return number
+
+
+# Linux NAME_MAX: the longest file name (one path component) a file system accepts, in bytes.
+_NAME_MAX_BYTES = 255
+
+
+class BadRowError(ValueError):
+    """A CSV row that cannot become a sample; the message says which cell is wrong, expected vs got."""
+
+
+def _check_video_name(name: str, column: str) -> None:
+    """Reject names no file system can hold, before any path call raises on them."""
+    if "\x00" in name:
+        raise BadRowError(f"column {column!r}: contains a NUL byte at character {name.index(chr(0))}, got {name!r}")
+    for part in name.replace("\\", "/").split("/"):
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > _NAME_MAX_BYTES:
+            raise BadRowError(
+                f"column {column!r}: file name of {size} bytes, expected at most {_NAME_MAX_BYTES} "
+                f"(file system limit), got {part[:40]!r}..."
+            )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 class _VideoResolver:
@@ -275,7 +327,11 @@ class _VideoResolver:
         return self._zip_index[key]
 
     def locate(self, video: str, zip_file: str | None, inner_path: str | None) -> VideoLocation:
-        """Find the bytes of ``video``; raises FileNotFoundError naming where it looked."""
+        """Find the bytes of ``video``; raises FileNotFoundError naming where it looked, BadRowError for a name no
+        file can have or a path that is not a regular file."""
+        _check_video_name(video, "video")
+        if zip_file:
+            _check_video_name(zip_file, "zip_file")
         if zip_file or self.root.suffix.lower() == ".zip":
             archive = self.root / zip_file if zip_file else self.root
             if not archive.is_file():
@@ -285,17 +341,116 @@ class _VideoResolver:
             member = members.get(wanted) or members.get(wanted.rsplit("/", 1)[-1])
             if member is None:
                 raise FileNotFoundError(f"{wanted!r} is not in zip archive {archive}")
-            return VideoLocation(str(archive), member)
-        path = (self.root / video).resolve()
-        if not path.is_relative_to(self.root.resolve()):
-            raise FileNotFoundError(f"video path {video!r} escapes --video-root {self.root}")
-        if not path.is_file():
-            raise FileNotFoundError(f"video file not found: {path}")
+            return VideoLocation(str(archive.resolve()), member)
+        # Containment is checked on the path as written, so a symlinked sub-folder of --video-root is fine.
+        path = Path(os.path.abspath(self.root / video))
+        if os.path.relpath(path, os.path.abspath(self.root)).split(os.sep)[0] == os.pardir:
+            raise BadRowError(f"column 'video': path {video!r} escapes --video-root {self.root}")
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise FileNotFoundError(f"video file not found: {path}") from None
+        except OSError as error:
+            raise BadRowError(f"cannot stat video file {path}: {error.strerror or error}") from None
+        if not stat.S_ISREG(mode):
+            raise BadRowError(f"video path {path} is {_file_kind(mode)}, expected a regular video file")
         return VideoLocation(str(path))
+
+
+@dataclass
+class _CsvLayout:
+    """Where each known column sits in a CSV and how its cells parse."""
+
+    path: Path
+    header: list[str]
+    positions: dict[str, int]
+    kinds: dict[str, str]
+    headers: dict[str, str]
+    extras: dict[str, int]
+
+
+def _read_layout(csv_path: Path, reader: Iterator[list[str]], config: BuildConfig) -> _CsvLayout:
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise CsvSchemaError(f"{csv_path}: empty file, expected an OpenVid-1M header line") from None
+    except csv.Error as error:
+        raise CsvSchemaError(f"{csv_path}:1: unreadable header ({error})") from error
+    columns = (*CSV_COLUMNS, ZIP_COLUMN, INNER_PATH_COLUMN)
+    positions = resolve_columns(header, columns)
+    missing = [column.header for column in CSV_COLUMNS if column.required and column.field not in positions]
+    if missing:
+        raise CsvSchemaError(
+            f"{csv_path}:1: missing required column(s) {missing}; expected OpenVid-1M header like "
+            f"{[column.header for column in CSV_COLUMNS]}, got {header}"
+        )
+    _check_filter_columns(config, positions, csv_path)
+    known_positions = set(positions.values())
+    return _CsvLayout(
+        path=csv_path,
+        header=header,
+        positions=positions,
+        kinds={column.field: column.kind for column in columns},
+        headers={column.field: column.header for column in columns},
+        extras={
+            normalize_header(name).replace(" ", "_"): i for i, name in enumerate(header) if i not in known_positions
+        },
+    )
+
+
+def _undecodable_cell(cells: list[str], layout: _CsvLayout) -> str | None:
+    """Reason a row holds bytes that are not UTF-8 (read with ``surrogateescape``), or None."""
+    names = {position: layout.headers.get(field_name, field_name) for field_name, position in layout.positions.items()}
+    names.update({position: name for name, position in layout.extras.items()})
+    for position, cell in enumerate(cells):
+        bad = next((i for i, char in enumerate(cell) if "\udc80" <= char <= "\udcff"), None)
+        if bad is None:
+            continue
+        raw = cell.encode("utf-8", "surrogateescape")
+        byte = ord(cell[bad]) - 0xDC00
+        guess = raw.decode("cp1252", "replace")
+        column = names.get(position, f"#{position + 1}")
+        return (
+            f"column {column!r}: expected UTF-8 text, got byte 0x{byte:02x} at character {bad} "
+            f"(as cp1252 the cell reads {guess!r}); re-save the CSV as UTF-8"
+        )
+    return None
+
+
+def _parse_row(cells: list[str], layout: _CsvLayout) -> dict[str, Any]:
+    """Typed values of a row under schema field names (plus extra columns); raises BadRowError."""
+    if len(cells) != len(layout.header):
+        raise BadRowError(f"expected {len(layout.header)} fields (header of {layout.path.name}), got {len(cells)}")
+    problem = _undecodable_cell(cells, layout)
+    if problem:
+        raise BadRowError(problem)
+    values: dict[str, Any] = {}
+    for name, position in layout.positions.items():
+        raw = cells[position]
+        if not raw.strip():
+            if name in ("video", "caption"):
+                raise BadRowError(f"column {layout.headers[name]!r}: expected a non-empty value, got {raw!r}")
+            values[name] = None
+            continue
+        try:
+            values[name] = _parse_cell(raw, layout.kinds[name])
+        except ValueError as error:
+            raise BadRowError(f"column {layout.headers[name]!r}: {error}") from None
+    values.update({name: cells[position] for name, position in layout.extras.items()})
+    return values
+
+
+def _location_identity(location: VideoLocation) -> str:
+    """The same string for every spelling of one file (``./a.mp4``, ``a.mp4``, a symlink to it)."""
+    path = os.path.realpath(location.path)
+    return f"{path}::{location.member}" if location.member else path
 
 
 def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
     """Parse and validate the CSV, locate every video and apply the CSV-stage filters.
+
+    A bad row (wrong field count, bad number, bytes that are not UTF-8, a NUL byte or an over-long file name, a
+    missing or non-regular file, a second row for the same file) is rejected with its line; the other rows go on.
 
     Raises:
         CsvSchemaError: the CSV is unreadable, empty, or lacks the ``video`` or ``caption`` column.
@@ -306,87 +461,52 @@ def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
     rejected: list[Rejection] = []
     if not csv_path.is_file():
         raise CsvSchemaError(f"{csv_path}: CSV file not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+    # surrogateescape: a row with non-UTF-8 bytes is rejected by line instead of aborting the whole read.
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise CsvSchemaError(f"{csv_path}: empty file, expected an OpenVid-1M header line") from None
-        except csv.Error as error:
-            raise CsvSchemaError(f"{csv_path}:1: unreadable header ({error})") from error
-        columns = (*CSV_COLUMNS, ZIP_COLUMN, INNER_PATH_COLUMN)
-        positions = resolve_columns(header, columns)
-        missing = [column.header for column in CSV_COLUMNS if column.required and column.field not in positions]
-        if missing:
-            raise CsvSchemaError(
-                f"{csv_path}:1: missing required column(s) {missing}; expected OpenVid-1M header like "
-                f"{[column.header for column in CSV_COLUMNS]}, got {header}"
-            )
-        _check_filter_columns(config, positions, csv_path)
-        kinds = {column.field: column.kind for column in columns}
-        headers = {column.field: column.header for column in columns}
-        known_positions = set(positions.values())
-        extras = {
-            normalize_header(name).replace(" ", "_"): i for i, name in enumerate(header) if i not in known_positions
-        }
-        seen_videos: dict[str, int] = {}
+        layout = _read_layout(csv_path, reader, config)
+        video_position = layout.positions["video"]
+        seen: dict[str, int] = {}
         used_keys: set[str] = set()
-        line = 1
         index = -1
         while True:
-            start_line = reader.line_num + 1
+            line = reader.line_num + 1
             try:
                 cells = next(reader)
             except StopIteration:
                 break
             except csv.Error as error:
-                rejected.append(Rejection(start_line, "", "csv", f"unparseable CSV record: {error}"))
+                rejected.append(Rejection(line, "", "csv", f"unparseable CSV record: {error}"))
                 continue
-            line = start_line
             if not cells or all(not cell.strip() for cell in cells):
                 continue  # blank lines are not rows
             index += 1
             if config.limit is not None and index >= config.limit:
                 break
-            video_cell = cells[positions["video"]].strip() if positions["video"] < len(cells) else ""
-            if len(cells) != len(header):
-                reason = f"expected {len(header)} fields (header of {csv_path.name}), got {len(cells)}"
-                rejected.append(Rejection(line, video_cell, "csv", reason))
+            video_cell = cells[video_position].strip() if video_position < len(cells) else ""
+            video_cell = video_cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            try:
+                values = _parse_row(cells, layout)
+            except BadRowError as error:
+                rejected.append(Rejection(line, video_cell, "csv", str(error)))
                 continue
-            values: dict[str, Any] = {}
-            problem = None
-            for name, position in positions.items():
-                raw = cells[position]
-                if not raw.strip():
-                    if name in ("video", "caption"):
-                        problem = f"column {headers[name]!r}: expected a non-empty value, got {raw!r}"
-                        break
-                    values[name] = None
-                    continue
-                try:
-                    values[name] = _parse_cell(raw, kinds[name])
-                except ValueError as error:
-                    problem = f"column {headers[name]!r}: {error}"
-                    break
-            if problem:
-                rejected.append(Rejection(line, video_cell, "csv", problem))
-                continue
-            values.update({name: cells[position] for name, position in extras.items()})
             video = values["video"]
-            if video in seen_videos:
-                reason = f"duplicate video {video!r} (first on line {seen_videos[video]})"
-                rejected.append(Rejection(line, video, "csv", reason))
-                continue
-            seen_videos[video] = line
             filter_reason = _csv_filter_reason(config, values)
             if filter_reason:
                 rejected.append(Rejection(line, video, "filter", filter_reason))
                 continue
             try:
                 location = resolver.locate(video, values.pop("zip_file", None), values.pop("video_path", None))
-            except (FileNotFoundError, zipfile.BadZipFile) as error:
-                rejected.append(Rejection(line, video, "file", f"{type(error).__name__}: {error}"))
+            except (OSError, ValueError, zipfile.BadZipFile) as error:
+                reason = str(error) if isinstance(error, BadRowError) else f"{type(error).__name__}: {error}"
+                rejected.append(Rejection(line, video, "file", reason))
                 continue
+            identity = _location_identity(location)
+            if identity in seen:
+                reason = f"duplicate video {video!r}: the same file as line {seen[identity]} ({location})"
+                rejected.append(Rejection(line, video, "csv", reason))
+                continue
+            seen[identity] = line
             key = sample_key(video)
             if key in used_keys:
                 key = f"{key}_L{line}"  # two names that sanitise to the same key (a.b.mp4 and a_b.mp4)
@@ -445,7 +565,12 @@ def _probe_filter_reason(config: BuildConfig, info: dict[str, Any]) -> str | Non
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Journal (resume state)
+# Journal (resume state and proof of which files this build wrote)
+
+# Names the builder writes in --out (the journal itself aside). A file under one of them that the journal does not
+# list belongs to someone else: the build refuses to start rather than delete or overwrite it.
+_SHARD_NAME = re.compile(r"^\d{6}\.tar(\.tmp)?$")
+_SIDE_NAMES = (MANIFEST_NAME, MANIFEST_NAME + ".tmp", REJECTED_NAME, JOURNAL_NAME + ".tmp")
 
 
 @dataclass
@@ -459,6 +584,25 @@ class _ShardRecord:
     rejected: list[dict[str, Any]]
 
 
+@dataclass
+class _Journal:
+    """What an earlier run in the folder recorded.
+
+    Args:
+        exists: a journal file is there (the folder holds a build of this tool).
+        config: the earlier run's config fingerprint (None when there is none).
+        finished: shards verified on disk, in order (resume keeps them).
+        owned: every shard name the earlier runs opened (``.tar`` and ``.tar.tmp``), finished or not.
+        changed: journaled shards whose size on disk differs from the record (someone else's file now).
+    """
+
+    exists: bool = False
+    config: dict[str, Any] | None = None
+    finished: list[_ShardRecord] = field(default_factory=list)
+    owned: set[str] = field(default_factory=set)
+    changed: list[str] = field(default_factory=list)
+
+
 def _append_journal(out_dir: Path, record: dict[str, Any]) -> None:
     with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -466,93 +610,207 @@ def _append_journal(out_dir: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def _load_journal(out_dir: Path, fingerprint: dict[str, Any]) -> list[_ShardRecord]:
-    """Finished shards recorded by an earlier run, verified on disk; raises if that run used other options."""
+def _rewrite_journal(out_dir: Path, fingerprint: dict[str, Any], finished: list[_ShardRecord]) -> None:
+    """Atomically replace the journal by the config and the shards kept (stale entries were cleaned up)."""
+    tmp = out_dir / (JOURNAL_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps({"type": "config", "config": fingerprint}) + "\n")
+        for record in finished:
+            handle.write(json.dumps({"type": "open", "name": record.name}) + "\n")
+            handle.write(json.dumps({"type": "shard", **dataclasses.asdict(record)}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, out_dir / JOURNAL_NAME)
+
+
+def _load_journal(out_dir: Path) -> _Journal:
+    """The earlier runs' records; finished shards are checked against the files on disk."""
     path = out_dir / JOURNAL_NAME
     if not path.is_file():
-        return []
-    records: list[_ShardRecord] = []
+        return _Journal()
+    journal = _Journal(exists=True)
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
+    intact = True
     for number, text in enumerate(lines, start=1):
         try:
             record = json.loads(text)
         except json.JSONDecodeError:
             logger.warning("%s:%d: ignoring a torn journal line (killed mid-write)", path, number)
             break
-        if record["type"] == "config" and record["config"] != fingerprint:
-            differing = sorted(k for k in fingerprint if record["config"].get(k) != fingerprint[k])
-            raise ValueError(
-                f"{out_dir}: holds a build with different options (differs in {differing}); "
-                "pass --overwrite to rebuild or choose another --out"
-            )
-        if record["type"] == "shard":
+        if record["type"] == "config":
+            journal.config = record["config"]
+        elif record["type"] == "open":
+            journal.owned.update({record["name"], record["name"] + ".tmp"})
+        elif record["type"] == "shard":
             shard = _ShardRecord(**{k: v for k, v in record.items() if k != "type"})
+            journal.owned.update({shard.name, shard.name + ".tmp"})
             shard_path = out_dir / shard.name
-            if not shard_path.is_file() or shard_path.stat().st_size != shard.bytes:
-                logger.warning(
-                    "%s: missing or changed since the journal recorded it; rebuilding from here", shard_path
+            if shard_path.is_file() and shard_path.stat().st_size != shard.bytes:
+                journal.changed.append(
+                    f"{shard_path} (journal: {shard.bytes} bytes written by this build, now {shard_path.stat().st_size})"
                 )
-                break
-            records.append(shard)
-    return records
+            if intact and shard_path.is_file() and shard_path.stat().st_size == shard.bytes:
+                journal.finished.append(shard)
+            elif intact:
+                logger.warning("%s: missing since the journal recorded it; rebuilding from here", shard_path)
+                intact = False
+    return journal
 
 
-def _clean_outputs(out_dir: Path, keep: set[str]) -> None:
-    """Delete partial ``.tmp`` shards and shards not recorded as finished (left by a killed run)."""
-    for path in out_dir.iterdir():
-        if path.name.endswith(".tar.tmp") or (path.name.endswith(".tar") and path.name not in keep):
-            path.unlink()
+def _foreign_outputs(out_dir: Path, journal: _Journal) -> list[str]:
+    """Files under the builder's output names that no run of this build wrote."""
+    ours = set(journal.owned) | (set(_SIDE_NAMES) if journal.exists else set())
+    names = sorted(os.listdir(out_dir))
+    foreign = [
+        str(out_dir / name) for name in names if (_SHARD_NAME.match(name) or name in _SIDE_NAMES) and name not in ours
+    ]
+    return foreign + journal.changed
+
+
+def _claim_out_dir(out_dir: Path, fingerprint: dict[str, Any], overwrite: bool) -> list[_ShardRecord]:
+    """Check --out, remove this build's own stale files and return the finished shards a resume keeps.
+
+    Raises:
+        OutputConflictError: an output name is taken by a file this build did not write (listed; nothing removed).
+        ValueError: --out holds a build with other options and ``overwrite`` is off.
+    """
+    journal = _load_journal(out_dir)
+    foreign = _foreign_outputs(out_dir, journal)
+    if foreign:
+        raise OutputConflictError(
+            f"{out_dir}: {len(foreign)} file(s) under the builder's output names were not written by this build, "
+            "and are never deleted or overwritten: " + ", ".join(foreign) + "; move them away or choose another --out"
+        )
+    if journal.config is not None and journal.config != fingerprint and not overwrite:
+        differing = sorted(k for k in fingerprint if journal.config.get(k) != fingerprint[k])
+        raise ValueError(
+            f"{out_dir}: holds a build with different options (differs in {differing}); "
+            "pass --overwrite to rebuild or choose another --out"
+        )
+    finished = [] if overwrite else journal.finished
+    keep = {record.name for record in finished}
+    for name in sorted(journal.owned - keep):
+        (out_dir / name).unlink(missing_ok=True)
+    if overwrite:
+        for name in (MANIFEST_NAME, REJECTED_NAME):
+            (out_dir / name).unlink(missing_ok=True)
+    _rewrite_journal(out_dir, fingerprint, finished)
+    return finished
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shard writing
 
+_TAR_BLOCK = 512
+_TAR_RECORD = 20 * _TAR_BLOCK  # tarfile pads a closed archive to whole records
+
+
+def _tar_member_bytes(size: int) -> int:
+    """Bytes one member takes in a tar: a header block plus its data padded to whole blocks."""
+    return _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tar_file_bytes(member_bytes: int) -> int:
+    """Size of a closed tar whose members take ``member_bytes``: two zero end blocks, padded to a whole record."""
+    return -(-(member_bytes + 2 * _TAR_BLOCK) // _TAR_RECORD) * _TAR_RECORD
+
+
+def _video_extension(row: CsvRow, info: dict[str, Any]) -> str:
+    """Member extension naming the video's container (sniffed), else the file's own if known, else ``video``."""
+    if info.get("container"):
+        return str(info["container"])
+    name = row.location.member or row.location.path
+    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return suffix if suffix in VIDEO_EXTS else "video"
+
 
 class _ShardSink:
-    """Writes samples into ``{shard:06d}.tar.tmp`` and renames each shard into place when it is full."""
+    """Streams samples into ``{shard:06d}.tar.tmp`` (video bytes copied in chunks, never held in memory) and renames
+    each shard into place when it is full. Member layout and headers are those of ``webdataset.TarWriter``."""
 
     def __init__(self, config: BuildConfig, out_dir: Path, first_shard: int) -> None:
         self.config = config
         self.out_dir = out_dir
         self.shard = first_shard
-        self.writer: wds.TarWriter | None = None
+        self.handle: Any = None
+        self.tar: tarfile.TarFile | None = None
         self.keys: list[str] = []
-        self.bytes = 0
+        self.member_bytes = 0
         self.pending_rejections: list[Rejection] = []
-        self.last_index = -1
+        self.last_processed = -1
         self.finished: list[_ShardRecord] = []
 
     @property
     def _tmp_path(self) -> Path:
         return self.out_dir / (SHARD_PATTERN.format(shard=self.shard) + ".tmp")
 
-    def write(self, row: CsvRow, sample: dict[str, Any], size: int) -> None:
-        limit = self.config.shard_max_bytes
-        if self.writer is not None and limit is not None and self.bytes + size > limit:
-            self.finish()
-        if self.writer is None:
-            self.writer = wds.TarWriter(str(self._tmp_path), mtime=_TAR_MTIME)
-            self.keys, self.bytes = [], 0
-        self.writer.write(sample)
+    def _open(self) -> None:
+        # Journal the name first: whatever a kill leaves under it is provably this build's to remove.
+        _append_journal(self.out_dir, {"type": "open", "name": SHARD_PATTERN.format(shard=self.shard)})
+        self.handle = open(self._tmp_path, "wb")  # noqa: SIM115 (open across many write calls, closed in finish)
+        self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.keys, self.member_bytes = [], 0
+
+    def _add(self, name: str, size: int, stream: Any) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, _TAR_MTIME, 0o444
+        info.uname = info.gname = "bigdata"
+        self.tar.addfile(info, stream)
+
+    def write(self, row: CsvRow, info: dict[str, Any]) -> str | None:
+        """Add one sample, or return why it cannot be read any more (nothing is written then)."""
+        try:
+            stream, size = open_video_stream(row.location)
+        except (OSError, KeyError, zipfile.BadZipFile) as error:
+            return f"read failed after probe: {type(error).__name__}: {error}"
+        with stream:
+            metadata = {**row.values, **info, "csv_line": row.line, "schema_version": SCHEMA_VERSION}
+            members = {
+                METADATA_EXT: json.dumps(metadata).encode("utf-8"),
+                CAPTION_EXT: row.values["caption"].encode("utf-8"),
+            }
+            video_ext = _video_extension(row, info)
+            sample_bytes = _tar_member_bytes(size) + sum(_tar_member_bytes(len(data)) for data in members.values())
+            limit = self.config.shard_max_bytes
+            full = limit is not None and _tar_file_bytes(self.member_bytes + sample_bytes) > limit
+            if self.tar is not None and full:
+                self.finish()
+            if self.tar is None:
+                self._open()
+            for ext in sorted([*members, video_ext]):
+                name = f"{row.key}.{ext}"
+                if ext == video_ext:
+                    try:
+                        self._add(name, size, stream)
+                    except OSError as error:
+                        raise OSError(
+                            f"{row.location} changed while it was copied into {self._tmp_path} ({error}); "
+                            "re-run the same command to resume"
+                        ) from error
+                else:
+                    self._add(name, len(members[ext]), io.BytesIO(members[ext]))
         self.keys.append(row.key)
-        self.bytes += size
-        self.last_index = row.index
+        self.member_bytes += sample_bytes
+        self.last_processed = row.index
         if len(self.keys) >= self.config.shard_max_count:
             self.finish()
+        return None
 
-    def reject(self, rejection: Rejection) -> None:
+    def reject(self, index: int, rejection: Rejection) -> None:
         self.pending_rejections.append(rejection)
+        self.last_processed = index
 
     def finish(self) -> None:
         """Close, fsync and rename the open shard, then journal it (only a journaled shard counts as finished)."""
-        if self.writer is None:
+        if self.tar is None:
             return
-        self.writer.close()
-        self.writer = None
+        self.tar.close()
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.tar = self.handle = None
         tmp_path = self._tmp_path
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
         final = self.out_dir / SHARD_PATTERN.format(shard=self.shard)
         os.replace(tmp_path, final)
         record = _ShardRecord(
@@ -561,7 +819,7 @@ class _ShardSink:
             bytes=final.stat().st_size,
             sha256=_sha256_file(final),
             keys=self.keys,
-            last_index=self.last_index,
+            last_index=self.last_processed,  # rejected rows after the last sample are recorded here too
             rejected=[dataclasses.asdict(r) for r in self.pending_rejections],
         )
         _append_journal(self.out_dir, {"type": "shard", **dataclasses.asdict(record)})
@@ -569,10 +827,11 @@ class _ShardSink:
         self.pending_rejections = []
         self.shard += 1
 
-
-def _sample(row: CsvRow, info: dict[str, Any], mp4: bytes) -> dict[str, Any]:
-    metadata = {**row.values, **info, "csv_line": row.line, "schema_version": SCHEMA_VERSION}
-    return {"__key__": row.key, "mp4": mp4, "txt": row.values["caption"], "json": metadata}
+    def close(self) -> None:
+        """Close an unfinished shard's file (interrupted build: the ``.tmp`` stays, journaled as this build's)."""
+        if self.handle is not None:
+            self.handle.close()
+            self.tar = self.handle = None
 
 
 def _ordered(results: Iterator[ProbeResult], order: list[int]) -> Iterator[ProbeResult]:
@@ -586,22 +845,56 @@ def _ordered(results: Iterator[ProbeResult], order: list[int]) -> Iterator[Probe
             position += 1
 
 
+def _log_decoder(config: BuildConfig) -> None:
+    """One line saying which decoder probes use; no decoder at all stops the build before any row is touched."""
+    if config.probe_fn != DEFAULT_PROBE_FN:
+        return
+    try:
+        decoder = probe_decoder()
+    except DecoderMissingError as error:
+        raise BuildEnvironmentError(str(error)) from error
+    if decoder == "pyav":
+        logger.warning("decord is not installed: probing with PyAV (same checks, slower random access)")
+    else:
+        logger.info("probing with decord")
+
+
+def _environment_failure(config: BuildConfig, row: CsvRow, result: ProbeResult) -> BuildEnvironmentError:
+    return BuildEnvironmentError(
+        f"{config.csv_path}:{row.line}: probing {row.values['video']!r} failed for a reason of this machine, not of "
+        f"the video ({result.reason}); no row was rejected for it. Fix the environment and re-run the same command "
+        "to resume."
+    )
+
+
+def _check_not_all_crashed(rejected: list[Rejection], num_samples: int) -> None:
+    """Every probe dying the same way (a decoder that cannot run here) is an environment failure, not a dataset."""
+    probed = [r for r in rejected if r.stage == "probe"]
+    reasons = {r.reason for r in probed}
+    if num_samples == 0 and len(probed) >= 2 and len(reasons) == 1:
+        reason = next(iter(reasons))
+        if reason.startswith(("probe process crashed", "probe raised")):
+            raise BuildEnvironmentError(
+                f"all {len(probed)} probed videos failed the same way ({reason}) and no sample was written: the "
+                "decoder does not work on this machine; no dataset was recorded"
+            )
+
+
 def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildReport:
-    """Build (or resume building) the shards described by ``config``; returns the report also saved as manifest."""
+    """Build (or resume building) the shards described by ``config``; returns the report also saved as manifest.
+
+    Raises:
+        CsvSchemaError: the CSV cannot be used (nothing is created).
+        OutputConflictError: --out holds files under the output names that this build did not write.
+        BuildEnvironmentError: no decoder works on this machine (shards finished so far are kept for a resume).
+    """
     out_dir = Path(config.out_dir)
     # Read the CSV first: a schema error must not leave an output folder or a journal behind.
     rows, rejected = read_csv_rows(config)
     fingerprint = config.fingerprint()
+    _log_decoder(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in (JOURNAL_NAME, MANIFEST_NAME, REJECTED_NAME):
-            (out_dir / name).unlink(missing_ok=True)
-        _clean_outputs(out_dir, keep=set())
-    finished = _load_journal(out_dir, fingerprint)
-    _clean_outputs(out_dir, keep={record.name for record in finished})
-    if not finished:
-        (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
-        _append_journal(out_dir, {"type": "config", "config": fingerprint})
+    finished = _claim_out_dir(out_dir, fingerprint, overwrite)
 
     resume_index = finished[-1].last_index if finished else -1
     done_keys = {key for record in finished for key in record.keys}
@@ -621,25 +914,23 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
     try:
         for result in _ordered(pool.imap_unordered(requests), [row.index for row in todo]):
             row = by_index[result.index]
+            if result.environment:
+                sink.finish()  # keep the samples written so far; a re-run resumes after them
+                raise _environment_failure(config, row, result)
             reason = result.reason if not result.ok else _probe_filter_reason(config, result.info)
+            stage = "probe" if not result.ok else "filter"
+            if not reason:
+                reason, stage = sink.write(row, result.info), "file"
+                counts["ok"] += reason is None
             if reason:
-                stage = "probe" if not result.ok else "filter"
-                sink.reject(Rejection(row.line, row.values["video"], stage, reason))
+                sink.reject(row.index, Rejection(row.line, row.values["video"], stage, reason))
                 logger.info("%s:%d: rejected %s: %s", config.csv_path, row.line, row.values["video"], reason)
                 counts["rejected"] += 1
-            else:
-                try:
-                    mp4 = read_video_bytes(row.location)
-                except OSError as error:
-                    sink.reject(Rejection(row.line, row.values["video"], "file", f"read failed after probe: {error}"))
-                    counts["rejected"] += 1
-                else:
-                    sink.write(row, _sample(row, result.info, mp4), len(mp4))
-                    counts["ok"] += 1
             bar.update(1)
             bar.set_postfix(counts, refresh=False)
         sink.finish()
     finally:
+        sink.close()
         bar.close()
         pool.close()
 
@@ -655,6 +946,7 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
         rejected=all_rejected,
         resumed_shards=len(finished),
     )
+    _check_not_all_crashed(all_rejected, report.num_samples)
     _write_manifest(config, fingerprint, report, records, num_rows=len(rows) + len(rejected))
     return report
 

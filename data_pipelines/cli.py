@@ -13,7 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
-from data_pipelines.build import RANGE_FILTERS, BuildConfig, CsvSchemaError, build_shards
+from data_pipelines.build import (
+    RANGE_FILTERS,
+    BuildConfig,
+    BuildEnvironmentError,
+    CsvSchemaError,
+    OutputConflictError,
+    build_shards,
+)
 from data_pipelines.probe import DEFAULT_PROBE_FN
 
 _EXAMPLES = """examples:
@@ -163,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Exit codes: 0 done; 1 damaged shards (verify) or no working decoder (build);
+    2 bad input or a refused output folder; 130 interrupted (Ctrl-C; a re-run resumes)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -199,9 +208,19 @@ def main(argv: list[str] | None = None) -> int:
             summary = verify_shards(args.shard_dir, decode=args.decode)
             print(summary)
             return 0
-    except (CsvSchemaError, FileNotFoundError, ValueError) as error:
+    except KeyboardInterrupt:
+        where = f" {args.out}" if args.command != "verify" else ""
+        print(
+            f"genvis-shards: interrupted; finished shards in{where} are kept, re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except BuildEnvironmentError as error:
         print(f"genvis-shards: error: {error}", file=sys.stderr)
-        return 2
+        return 1
+    except (CsvSchemaError, OutputConflictError, FileNotFoundError, ValueError) as error:
+        print(f"genvis-shards: error: {error}", file=sys.stderr)
+        return 1 if type(error).__name__ == "ShardVerificationError" else 2
     print(
         f"{report.num_samples} samples in {len(report.shards)} shards ({report.total_bytes / 1e6:.1f} MB), "
         f"{len(report.rejected)} rejected, {report.resumed_shards} shards resumed -> {report.manifest_path}"

@@ -1,4 +1,7 @@
-"""Probe videos with decord in worker subprocesses, each task under a wall-clock timeout.
+"""Probe videos with decord (PyAV where decord is not installed) in worker subprocesses, each under a timeout.
+
+Videos are decoded where they lie (a path, a stored zip member as a byte range, a compressed member unpacked to a
+temporary file): a probe's memory does not grow with the file size.
 
 decord can hang forever (dmlc/decord #375, ``get_batch`` at 100% CPU) or abort the whole process on a corrupt NAL
 (#25, an uncatchable ``dmlc::Error``), see specs/perf_reliability_ecosystem.md §B5. So every probe runs in a spawned
@@ -9,16 +12,23 @@ Checked by ``tests/data/test_shard_builder.py`` (hang, abort, corrupt, truncated
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import io
 import multiprocessing
 import multiprocessing.connection
+import os
+import re
+import shutil
 import signal
+import struct
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import BinaryIO, Literal
+
+from genvis.data.video import FileSlice, VideoSource, container_extension, has_decord
 
 DEFAULT_PROBE_FN = "data_pipelines.probe:probe_video"
 
@@ -42,15 +52,67 @@ class VideoLocation:
 _ZIP_CACHE: dict[str, zipfile.ZipFile] = {}
 
 
-def read_video_bytes(location: VideoLocation) -> bytes:
-    """The raw bytes of a video (opened zip archives are cached per process)."""
-    if location.member is None:
-        with open(location.path, "rb") as handle:
-            return handle.read()
-    archive = _ZIP_CACHE.get(location.path)
+def _archive(path: str) -> zipfile.ZipFile:
+    archive = _ZIP_CACHE.get(path)
     if archive is None:
-        archive = _ZIP_CACHE[location.path] = zipfile.ZipFile(location.path)
-    return archive.read(location.member)
+        archive = _ZIP_CACHE[path] = zipfile.ZipFile(path)
+    return archive
+
+
+def _stored_member_slice(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> FileSlice | None:
+    """The member's bytes as a range of the zip file when it is stored uncompressed and unencrypted, else None."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or archive.filename is None:
+        return None
+    with open(archive.filename, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"{archive.filename}: bad local header for {info.filename!r}")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return FileSlice(archive.filename, info.header_offset + 30 + name_length + extra_length, info.file_size)
+
+
+def open_video_stream(location: VideoLocation) -> tuple[BinaryIO, int]:
+    """A binary stream of the video and its size in bytes (read it in chunks; the caller closes it)."""
+    if location.member is None:
+        handle = open(location.path, "rb")  # noqa: SIM115 (returned to the caller, who closes it)
+        return handle, os.fstat(handle.fileno()).st_size
+    archive = _archive(location.path)
+    return archive.open(location.member), archive.getinfo(location.member).file_size
+
+
+@contextlib.contextmanager
+def decodable_source(location: VideoLocation) -> Iterator[VideoSource]:
+    """A source decoders read in place: the file's path, a stored zip member's ``FileSlice``, or (for a compressed
+    member) a temporary file it is unpacked into chunk by chunk. Never the whole video in memory."""
+    if location.member is None:
+        yield location.path
+        return
+    archive = _archive(location.path)
+    stored = _stored_member_slice(archive, archive.getinfo(location.member))
+    if stored is not None:
+        yield stored
+        return
+    suffix = os.path.splitext(location.member)[1]
+    with tempfile.NamedTemporaryFile(prefix="genvis-probe-", suffix=suffix) as scratch:
+        with archive.open(location.member) as member:
+            shutil.copyfileobj(member, scratch, 1 << 20)
+        scratch.flush()
+        yield scratch.name
+
+
+def read_video_bytes(location: VideoLocation) -> bytes:
+    """The raw bytes of a video (whole file in memory: small files and tests only)."""
+    stream, _ = open_video_stream(location)
+    with stream:
+        return stream.read()
+
+
+def video_head(location: VideoLocation, size: int = 512) -> bytes:
+    """The first ``size`` bytes of a video (container sniffing)."""
+    stream, _ = open_video_stream(location)
+    with stream:
+        return stream.read(size)
 
 
 @dataclass(frozen=True)
@@ -80,36 +142,46 @@ class ProbeResult:
         index: the request's index.
         ok: the video decoded and passed the checks.
         reason: rejection reason (empty when ok).
-        info: ``width``, ``height``, ``probed_frames``, ``probed_fps``, ``probed_seconds`` when ok.
+        info: ``width``, ``height``, ``probed_frames``, ``probed_fps``, ``probed_seconds``, ``container`` when ok.
+        environment: the failure comes from this machine (no decoder installed), not from the video.
     """
 
     index: int
     ok: bool
     reason: str = ""
-    info: dict[str, float | int] = field(default_factory=dict)
+    info: dict[str, float | int | str] = field(default_factory=dict)
+    environment: bool = False
+
+
+class DecoderMissingError(ImportError):
+    """Neither decord nor PyAV can be imported: no video can be probed on this machine."""
+
+
+def probe_decoder() -> Literal["decord", "pyav"]:
+    """The decoder probes use: decord when installed (x86_64 Linux wheels), else PyAV."""
+    if has_decord():
+        return "decord"
+    try:
+        import av  # noqa: F401
+    except ImportError as error:
+        raise DecoderMissingError(
+            f"no video decoder: decord is not installed and PyAV does not import ({error}); "
+            "install one: `pip install av` (every platform) or `pip install decord` (x86_64 Linux)"
+        ) from error
+    return "pyav"
 
 
 def probe_video(request: ProbeRequest) -> ProbeResult:
-    """Decode ``request``'s video with decord and check it; every failure becomes a ``ProbeResult`` with a reason."""
-    import decord
-
-    data = read_video_bytes(request.location)
-    if not data:
+    """Decode ``request``'s video in place (decord, else PyAV) and check it; a bad video becomes a reason."""
+    decoder = probe_decoder()
+    head = video_head(request.location)
+    if not head:
         return ProbeResult(request.index, False, "empty file (0 bytes)")
-    try:
-        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    except (RuntimeError, decord.DECORDError) as error:
-        return ProbeResult(request.index, False, f"not a decodable video: {type(error).__name__}: {_short(error)}")
-    num_frames = len(reader)
-    if num_frames < 1:
-        return ProbeResult(request.index, False, "video has no frames")
-    indices = list(range(num_frames)) if request.mode == "full" else sorted({0, num_frames // 2, num_frames - 1})
-    try:
-        frames = reader.get_batch(indices).asnumpy()
-    except (RuntimeError, decord.DECORDError) as error:
-        return ProbeResult(request.index, False, f"decode failed: {type(error).__name__}: {_short(error)}")
-    fps = float(reader.get_avg_fps())
-    height, width = (int(size) for size in frames.shape[1:3])
+    with decodable_source(request.location) as source:
+        probed = _probe_decord(source, request) if decoder == "decord" else _probe_pyav(source, request)
+    if isinstance(probed, str):
+        return ProbeResult(request.index, False, probed)
+    num_frames, fps, width, height = probed
     if request.expected_frames and abs(num_frames - request.expected_frames) > max(
         1, request.frame_tolerance * request.expected_frames
     ):
@@ -125,12 +197,68 @@ def probe_video(request: ProbeRequest) -> ProbeResult:
         "probed_frames": num_frames,
         "probed_fps": round(fps, 6),
         "probed_seconds": round(num_frames / fps, 6) if fps > 0 else 0.0,
+        "container": container_extension(head) or "",
     }
     return ProbeResult(request.index, True, info=info)
 
 
-def _short(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split())
+def _source_url(source: VideoSource) -> str:
+    return source.url() if isinstance(source, FileSlice) else str(source)
+
+
+def _probe_decord(source: VideoSource, request: ProbeRequest) -> tuple[int, float, int, int] | str:
+    """(frames, fps, width, height), or the reason the video is bad."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(_source_url(source), ctx=decord.cpu(0), num_threads=1)
+    except (RuntimeError, decord.DECORDError) as error:
+        return f"not a decodable video: {type(error).__name__}: {_short(error, source)}"
+    num_frames = len(reader)
+    if num_frames < 1:
+        return "video has no frames"
+    indices = list(range(num_frames)) if request.mode == "full" else sorted({0, num_frames // 2, num_frames - 1})
+    try:
+        frames = reader.get_batch(indices).asnumpy()
+    except (RuntimeError, decord.DECORDError) as error:
+        return f"decode failed: {type(error).__name__}: {_short(error, source)}"
+    height, width = (int(size) for size in frames.shape[1:3])
+    return num_frames, float(reader.get_avg_fps()), width, height
+
+
+def _probe_pyav(source: VideoSource, request: ProbeRequest) -> tuple[int, float, int, int] | str:
+    """PyAV fallback of ``_probe_decord``: count packets, then decode the checked frames in one scan."""
+    import av
+
+    from genvis.data.video import read_frames, video_info
+
+    try:
+        info = video_info(_source_url(source), backend="pyav")
+    except (av.FFmpegError, ValueError, IndexError) as error:
+        return f"not a decodable video: {type(error).__name__}: {_short(error, source)}"
+    if info.num_frames < 1:
+        return "video has no frames"
+    total = info.num_frames
+    indices = None if request.mode == "full" else sorted({0, total // 2, total - 1})
+    try:
+        frames = read_frames(_source_url(source), indices, backend="pyav")
+    except (av.FFmpegError, ValueError, IndexError) as error:
+        return f"decode failed: {type(error).__name__}: {_short(error, source)}"
+    if request.mode == "full":
+        total = len(frames)
+    return total, info.fps, int(frames.shape[2]), int(frames.shape[1])
+
+
+_CLOCK_STAMP = re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*|\S+\.(?:cc|cpp|h):\d+:\s*|\s*@\s*0x[0-9a-fA-F]+")
+
+
+def _short(error: BaseException, source: VideoSource | None = None, limit: int = 200) -> str:
+    """One line of an error, without clock stamps, source-file positions and pointers (reasons must be identical
+    between identical runs) and with a ``subfile`` URL shown as the file it points into."""
+    text = _CLOCK_STAMP.sub(" ", str(error))
+    if isinstance(source, FileSlice):
+        text = text.replace(source.url(), source.path)
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -152,6 +280,11 @@ def _worker_main(connection: multiprocessing.connection.Connection, probe_fn_spe
         decord.logging.set_level(decord.logging.QUIET)  # reasons are recorded; FFmpeg's chatter would flood stderr
     except ImportError:
         pass
+    # decord also logs "ERROR opening: <uri>" lines straight to stderr (with the file's bytes when given bytes);
+    # the reasons are sent back and recorded, so the worker's own stderr goes to /dev/null.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     probe_fn = resolve_probe_fn(probe_fn_spec)
     while True:
         request = connection.recv()
@@ -159,6 +292,8 @@ def _worker_main(connection: multiprocessing.connection.Connection, probe_fn_spe
             return
         try:
             result = probe_fn(request)
+        except ImportError as error:  # a missing decoder is this machine's problem, not the video's
+            result = ProbeResult(request.index, False, f"{type(error).__name__}: {error}", environment=True)
         except Exception as error:  # any decoder/IO failure becomes a rejection reason, never a dead build
             result = ProbeResult(request.index, False, f"probe raised {type(error).__name__}: {_short(error)}")
         connection.send(result)

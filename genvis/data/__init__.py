@@ -1,53 +1,46 @@
-"""genvis data: the shard schema, video decoding, built-in datasets and webdataset loaders."""
+"""genvis data: the shard schema, video decoding, built-in datasets and webdataset loaders.
 
-from genvis.data.builtin import (
-    ProceduralScene,
-    ProceduralShape,
-    ProceduralVideo,
-    builtin_images,
-    builtin_videos,
-    procedural_scene,
-    procedural_video,
-    write_procedural_dataset,
-)
-from genvis.data.loaders import (
-    BadSampleHandler,
-    ClipConfig,
-    TooManyBadSamplesError,
-    make_video_dataset,
-    make_video_loader,
-    resolve_shards,
-)
-from genvis.data.video import (
-    VideoInfo,
-    causal_vae_num_frames,
-    encode_mp4,
-    read_frames,
-    sample_frame_indices,
-    video_info,
-    write_mp4,
-)
+Names are imported lazily: a probe worker that only needs ``genvis.data.video`` must not pay for torch and
+webdataset (imported by the loaders) at start-up, or its first probe runs into the probe timeout.
+"""
 
-__all__ = [
-    "BadSampleHandler",
-    "ClipConfig",
-    "ProceduralScene",
-    "ProceduralShape",
-    "ProceduralVideo",
-    "TooManyBadSamplesError",
-    "VideoInfo",
-    "builtin_images",
-    "builtin_videos",
-    "causal_vae_num_frames",
-    "encode_mp4",
-    "make_video_dataset",
-    "make_video_loader",
-    "procedural_scene",
-    "procedural_video",
-    "read_frames",
-    "resolve_shards",
-    "sample_frame_indices",
-    "video_info",
-    "write_mp4",
-    "write_procedural_dataset",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ProceduralScene": "genvis.data.builtin",
+    "ProceduralShape": "genvis.data.builtin",
+    "ProceduralVideo": "genvis.data.builtin",
+    "builtin_images": "genvis.data.builtin",
+    "builtin_videos": "genvis.data.builtin",
+    "procedural_scene": "genvis.data.builtin",
+    "procedural_video": "genvis.data.builtin",
+    "write_procedural_dataset": "genvis.data.builtin",
+    "BadSampleHandler": "genvis.data.loaders",
+    "ClipConfig": "genvis.data.loaders",
+    "TooManyBadSamplesError": "genvis.data.loaders",
+    "make_video_dataset": "genvis.data.loaders",
+    "make_video_loader": "genvis.data.loaders",
+    "resolve_shards": "genvis.data.loaders",
+    "FileSlice": "genvis.data.video",
+    "VideoInfo": "genvis.data.video",
+    "causal_vae_num_frames": "genvis.data.video",
+    "encode_mp4": "genvis.data.video",
+    "read_frames": "genvis.data.video",
+    "sample_frame_indices": "genvis.data.video",
+    "video_info": "genvis.data.video",
+    "write_mp4": "genvis.data.video",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'genvis.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

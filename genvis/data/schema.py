@@ -8,18 +8,24 @@ Checked by ``tests/data/test_schema_builtin.py``.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
 SCHEMA_VERSION = 1
 
-# webdataset member extensions of one sample: ``{key}.mp4``, ``{key}.txt``, ``{key}.json``.
+# webdataset member extensions of one sample: ``{key}.mp4`` (or the video's real container, see VIDEO_EXTS),
+# ``{key}.txt``, ``{key}.json``.
 KEY_FIELD = "__key__"
 VIDEO_EXT = "mp4"
 CAPTION_EXT = "txt"
 METADATA_EXT = "json"
 SHARD_EXTS: tuple[str, ...] = (VIDEO_EXT, CAPTION_EXT, METADATA_EXT)
+# The video member is named after its container format (``genvis.data.video.container_extension``): webm bytes are
+# stored as ``{key}.webm``, never as ``.mp4``. ``video`` is used for a container the sniffer does not know.
+VIDEO_EXTS: tuple[str, ...] = ("mp4", "mov", "webm", "mkv", "avi", "ts", "mpg", "ogv", "flv", "wmv", "video")
 
 # Output file names inside a shard directory.
 SHARD_PATTERN = "{shard:06d}.tar"
@@ -95,16 +101,27 @@ def resolve_columns(header: list[str], columns: tuple[CsvColumn, ...]) -> dict[s
     return positions
 
 
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+_KEY_UNSAFE = re.compile(r"[^\w\-]+")
+# USTAR tar names hold 100 bytes; a key leaves room for ".json" / ".webm" and a "_L<line>" de-duplication suffix.
+KEY_MAX_BYTES = 80
 
 
 def sample_key(video_name: str) -> str:
-    """webdataset ``__key__`` for a video file name: the stem with every character outside ``[A-Za-z0-9_-]`` as ``_``.
+    """webdataset ``__key__`` for a video file name: the NFC stem with every run of characters other than letters,
+    digits, ``_`` and ``-`` (in any script) as ``_``.
 
     webdataset splits a tar member name at the first ``.`` of its basename into key and extension, so keys must not
-    contain dots (or ``/``); ``abc_0.5to3.2.mp4`` becomes ``abc_0_5to3_2``. The original name stays in ``json["video"]``.
+    contain dots (or ``/``); ``abc_0.5to3.2.mp4`` becomes ``abc_0_5to3_2`` and ``東京の夜.mp4`` stays ``東京の夜``.
+    A stem with no letter or digit, or longer than ``KEY_MAX_BYTES`` in UTF-8, gets a hash of the full name, so two
+    such names never share a key. The original name stays in ``json["video"]``.
     """
-    base = video_name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFC", video_name.replace("\\", "/").rsplit("/", 1)[-1])
     stem = base.rsplit(".", 1)[0] if "." in base else base
     key = _KEY_UNSAFE.sub("_", stem).strip("_")
-    return key or "sample"
+    digest = hashlib.sha1(video_name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    if not key.replace("_", "").replace("-", ""):
+        return f"sample_{digest}"
+    if len(key.encode("utf-8")) > KEY_MAX_BYTES:
+        head = key.encode("utf-8")[: KEY_MAX_BYTES - 13].decode("utf-8", "ignore")
+        return f"{head}_{digest}"
+    return key

@@ -1,24 +1,62 @@
 """Video decoding (decord, PyAV fallback), mp4 writing (PyAV libx264) and clip frame-index sampling.
 
-decord is fast at random access (``get_batch``) and reads straight from ``io.BytesIO`` at no extra cost, which is how
-webdataset hands us ``mp4`` bytes. It has x86_64 Linux wheels only and is unmaintained, so PyAV (which bundles FFmpeg
-and libx264) is the fallback. Frame sampling follows the OpenVid-1M paper (16 frames at stride 3, uniform fallback
-when a clip is too short) and the ``1 + 4k`` frame rule of causal video VAEs.
-Checked by ``tests/data/test_video.py``.
+decord is fast at random access (``get_batch``). It has x86_64 Linux wheels only and is unmaintained, so PyAV (which
+bundles FFmpeg and libx264) is the fallback. Frame sampling follows the OpenVid-1M paper (16 frames at stride 3,
+uniform fallback when a clip is too short) and the ``1 + 4k`` frame rule of causal video VAEs.
+
+Memory: a video is decoded from where it lies, never read into memory first. A path is opened by the decoder; a tar
+shard member or a stored zip member is a ``FileSlice`` (file, offset, size) opened through FFmpeg's ``subfile``
+protocol, so only the packets the decoder needs are read and peak memory does not grow with the file size. ``bytes``
+are still accepted (decord copies them once more). PyAV keeps only the requested frames while it scans.
+Checked by ``tests/data/test_video_loaders.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-VideoSource = str | Path | bytes
 Backend = Literal["auto", "decord", "pyav"]
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A whole video stored as a byte range of a local file: a tar shard member or an uncompressed zip member.
+
+    Args:
+        path: the file holding the video.
+        offset: first byte of the video in ``path``.
+        size: bytes of the video.
+    """
+
+    path: str
+    offset: int
+    size: int
+
+    def url(self) -> str:
+        """FFmpeg ``subfile`` URL of the range (decord and PyAV open it like a file, reading only what they need)."""
+        return f"subfile,,start,{self.offset},end,{self.offset + self.size},,:{os.path.abspath(self.path)}"
+
+    def read(self) -> bytes:
+        """The video's bytes (loads the whole range: for small members and tests only)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.size)
+
+    def head(self, size: int = 512) -> bytes:
+        """The first ``size`` bytes (container sniffing)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(min(size, self.size))
+
+
+VideoSource = str | Path | bytes | FileSlice
 
 
 @dataclass(frozen=True)
@@ -58,11 +96,17 @@ def _resolve_backend(backend: Backend) -> Literal["decord", "pyav"]:
 
 
 def _as_file(source: VideoSource) -> str | io.BytesIO:
-    return io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else str(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return io.BytesIO(source)
+    if isinstance(source, FileSlice):
+        if source.size < 1:
+            raise ValueError(f"{source.path}: empty video member (0 bytes at offset {source.offset})")
+        return source.url()
+    return str(source)
 
 
 def open_decord(source: VideoSource, num_threads: int = 1):
-    """A ``decord.VideoReader`` on a path or on in-memory mp4 bytes."""
+    """A ``decord.VideoReader`` on a path, a ``FileSlice`` (streamed) or in-memory bytes (copied by decord)."""
     import decord
 
     return decord.VideoReader(_as_file(source), ctx=decord.cpu(0), num_threads=num_threads)
@@ -77,8 +121,11 @@ def video_info(source: VideoSource, backend: Backend = "auto") -> VideoInfo:
     import av
 
     with av.open(_as_file(source)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
         stream = container.streams.video[0]
-        num_frames = stream.frames or sum(1 for _ in container.decode(stream))
+        # Count packets when the container has no frame count (webm, mkv): demuxing reads no frame data into memory.
+        num_frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
         rate = stream.average_rate or stream.guessed_rate or 0
         return VideoInfo(
             int(num_frames), float(rate), int(stream.codec_context.width), int(stream.codec_context.height)
@@ -117,21 +164,65 @@ def _check_indices(indices: np.ndarray, total: int) -> None:
 
 
 def _read_frames_pyav(source: VideoSource, indices: list[int] | np.ndarray | None) -> np.ndarray:
+    """Scan the stream once, keeping only the wanted frames (memory: the output, not the video)."""
     import av
 
+    wanted = None if indices is None else np.asarray(indices, dtype=np.int64)
+    if wanted is not None and wanted.size and wanted.min() < 0:
+        raise IndexError(f"frame indices: expected values >= 0, got min {wanted.min()}")
+    needed = None if wanted is None else set(wanted.tolist())
+    last = None if wanted is None else (int(wanted.max()) if wanted.size else -1)
+    kept: dict[int, np.ndarray] = {}
+    total = 0
     with av.open(_as_file(source)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         # A sequential scan is as fast as seeking for short clips (specs/perf_reliability_ecosystem.md §A7).
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    if not frames:
+        for frame in container.decode(stream):
+            if needed is None or total in needed:
+                kept[total] = frame.to_ndarray(format="rgb24")
+            total += 1
+            if last is not None and total > last:
+                break
+    if not total:
         raise ValueError("video has no decodable frames")
-    stacked = np.stack(frames)
-    if indices is None:
-        return stacked
-    wanted = np.asarray(indices, dtype=np.int64)
-    _check_indices(wanted, len(stacked))
-    return stacked[wanted]
+    if wanted is None:
+        return np.stack([kept[i] for i in range(total)])
+    if wanted.size and wanted.max() >= total:
+        raise IndexError(f"frame indices: expected values in [0, {total}), got max {wanted.max()}")
+    return np.stack([kept[i] for i in wanted.tolist()]) if wanted.size else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+_MAGIC_EXTENSIONS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"OggS", "ogv"),
+    (0, b"FLV", "flv"),
+    (0, b"\x00\x00\x01\xba", "mpg"),
+    (0, b"\x30\x26\xb2\x75", "wmv"),
+)
+
+
+def container_extension(head: bytes) -> str | None:
+    """File extension naming the container of a video whose first bytes are ``head`` (512 are plenty), or None.
+
+    mp4 (ISO base media), mov (QuickTime brand or atoms without ``ftyp``), webm / mkv (EBML DocType), avi, MPEG-TS,
+    MPEG-PS, Ogg, FLV and ASF are recognised from their magic numbers.
+    """
+    if head[4:8] == b"ftyp":
+        return "mov" if head[8:12] == b"qt  " else "mp4"
+    if head[4:8] in (b"moov", b"mdat", b"wide", b"free", b"skip"):
+        return "mov"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm" if b"webm" in head else "mkv"
+    if head[:4] == b"RIFF":
+        return "avi" if head[8:12] == b"AVI " else None
+    if len(head) > 188 and head[0] == 0x47 and head[188] == 0x47:
+        return "ts"
+    for offset, magic, extension in _MAGIC_EXTENSIONS:
+        if head[offset : offset + len(magic)] == magic:
+            return extension
+    return None
 
 
 def write_mp4(

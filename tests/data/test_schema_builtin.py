@@ -35,7 +35,14 @@ def test_openvid_header_and_aliases() -> None:
     positions = resolve_columns(["Video", "caption", "Motion_Score", "num_frames", "duration"], CSV_COLUMNS)
     assert positions == {"video": 0, "caption": 1, "motion_score": 2, "frame": 3, "seconds": 4}
     assert sample_key("dir/abc_0.5to3.2.mp4") == "abc_0_5to3_2"
-    assert sample_key("célèbre clip.mp4") == "c_l_bre_clip"
+    # Letters of any script stay (NFC), so non-ASCII names do not collapse to one key.
+    assert sample_key("célèbre clip.mp4") == "célèbre_clip"
+    assert sample_key("ce\u0301le\u0300bre clip.mp4") == "célèbre_clip"  # macOS NFD file name
+    assert sample_key("東京の夜.mp4") == "東京の夜"
+    assert sample_key("🎬🎬.mp4") != sample_key("🎥.mp4")
+    assert sample_key("🎬🎬.mp4").startswith("sample_")
+    long_key = sample_key("é" * 200 + ".mp4")
+    assert len(long_key.encode()) <= 80 and long_key != sample_key("é" * 201 + ".mp4")  # fits a USTAR tar name
 
 
 def test_builtin_images_and_videos_are_real_and_offline() -> None:
