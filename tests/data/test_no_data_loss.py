@@ -259,3 +259,33 @@ def test_ctrl_c_stops_the_build_without_a_traceback(procedural_root: Path, probe
     assert "interrupted" in stderr and "re-run the same command to resume" in stderr
     report = build_shards(_config(csv_path, videos, out, shard_max_count=2), progress=False)
     assert report.resumed_shards >= 1 and report.num_samples == 6
+
+
+def test_verify_reports_every_damaged_shard(
+    procedural_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "shards"
+    build_shards(
+        _config(procedural_root / "openvid.csv", procedural_root / "videos", out, shard_max_count=2), progress=False
+    )
+    assert cli_main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    first = (out / "000000.tar").read_bytes()
+    (out / "000000.tar").write_bytes(first[: len(first) // 3])  # truncated inside a member
+    second = bytearray((out / "000001.tar").read_bytes())
+    second[3] ^= 0x10  # a bit flip in the first tar header's name field: its checksum no longer matches
+    (out / "000001.tar").write_bytes(bytes(second))
+    third = bytearray((out / "000002.tar").read_bytes())
+    with tarfile.open(out / "000002.tar") as archive:
+        offset = archive.getmembers()[3].offset  # header of the second sample's first member
+    third[offset + 1] ^= 0x01
+    (out / "000002.tar").write_bytes(bytes(third))
+
+    assert cli_main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "3 of 3 shards damaged (000000.tar, 000001.tar, 000002.tar)" in err
+    for name in ("000000.tar", "000001.tar", "000002.tar"):
+        assert re.search(rf"{name}: sha256 expected [0-9a-f]{{64}}, got [0-9a-f]{{64}}", err), name
+    assert re.search(r"000000\.tar: (unreadable tar|expected 2 samples, got [01])", err)
+    assert "000002.tar: expected 2 samples, got 1" in err
+    assert "Traceback" not in err
