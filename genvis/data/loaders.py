@@ -11,7 +11,12 @@ Clips: decord decodes ``num_frames`` frames at ``frame_stride`` (OpenVid: 16 at 
 videos), resized to cover and centre-cropped to a resolution bucket; ``causal_vae=True`` requires ``1 + 4k`` frames.
 Bad samples (corrupt mp4, missing member, truncated tar) are logged with shard and key, counted, and skipped; a
 ``max_bad_fraction`` guard stops a run whose data is mostly broken.
-Checked by ``tests/data/test_loaders.py``.
+
+Memory: a local shard is read in place. Its video member is handed on as a ``FileSlice`` (shard path, offset, size)
+that the decoder opens through FFmpeg's ``subfile`` protocol, so neither the shuffle buffer nor a decode holds a whole
+video and a worker's peak memory does not grow with the file size (``benchmarks/data_memory.py``). Remote shards
+(``http://``, ``pipe:``) go through webdataset's streaming reader, which holds each member in memory once.
+Checked by ``tests/data/test_video_loaders.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
+import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,8 +38,8 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from genvis.data.schema import CAPTION_EXT, MANIFEST_NAME, METADATA_EXT, VIDEO_EXT
-from genvis.data.video import read_frames, sample_frame_indices
+from genvis.data.schema import CAPTION_EXT, MANIFEST_NAME, METADATA_EXT, VIDEO_EXTS
+from genvis.data.video import FileSlice, VideoSource, read_frames, sample_frame_indices
 
 logger = logging.getLogger(__name__)
 
@@ -155,12 +163,13 @@ class ClipDecoder:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-        missing = [ext for ext in (VIDEO_EXT, CAPTION_EXT) if ext not in sample]
+        video_ext = next((ext for ext in VIDEO_EXTS if ext in sample), None)
+        missing = [ext for ext in (CAPTION_EXT,) if ext not in sample] + ([] if video_ext else ["mp4"])
         if missing:
             raise BadSampleError(f"{url} key {key}: missing member(s) {missing}, got {sorted(sample)}")
         try:
             metadata = json.loads(sample[METADATA_EXT]) if METADATA_EXT in sample else {}
-            frames_total, height, width = self._stream_shape(sample[VIDEO_EXT], metadata)
+            frames_total, height, width = self._stream_shape(sample[video_ext], metadata)
             num_frames, bucket_h, bucket_w = choose_bucket(self.config, frames_total, height, width)
             indices = sample_frame_indices(
                 frames_total,
@@ -169,7 +178,7 @@ class ClipDecoder:
                 rng=_sample_rng(self.seed, self.epoch, key),
                 position=self.config.position,
             )
-            frames = read_frames(sample[VIDEO_EXT], indices)
+            frames = read_frames(sample[video_ext], indices)
         except (RuntimeError, ValueError, IndexError, OSError) as error:
             raise BadSampleError(f"{url} key {key}: {type(error).__name__}: {error}") from error
         video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, H, W, C) -> (T, C, H, W)
@@ -186,14 +195,74 @@ class ClipDecoder:
         }
 
     @staticmethod
-    def _stream_shape(mp4: bytes, metadata: dict[str, Any]) -> tuple[int, int, int]:
+    def _stream_shape(video: VideoSource, metadata: dict[str, Any]) -> tuple[int, int, int]:
         """(frames, height, width), from the builder's probe fields when present, else from the stream."""
         if all(name in metadata for name in ("probed_frames", "height", "width")):
             return int(metadata["probed_frames"]), int(metadata["height"]), int(metadata["width"])
         from genvis.data.video import video_info
 
-        info = video_info(mp4)
+        info = video_info(video)
         return info.num_frames, info.height, info.width
+
+
+# webdataset's rule (``tariterators.base_plus_ext``): the key is the member name up to the first dot of its basename.
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def _local_tar_path(url: str) -> str | None:
+    """The file path of a shard URL on a local file system, None for remote and ``pipe:`` URLs."""
+    path = url.removeprefix("file://")
+    if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
+        return None
+    return path
+
+
+def _local_tar_samples(path: str, url: str) -> Iterator[dict[str, Any]]:
+    """Samples of a local tar shard, grouped as webdataset groups them, with each video member as a ``FileSlice``
+    (only its header is read here) and the small members as bytes."""
+    file_size = os.path.getsize(path)
+    sample: dict[str, Any] | None = None
+    with tarfile.open(path, mode="r:") as archive:
+        for member in archive:
+            match = _MEMBER_NAME.match(member.name)
+            if not member.isreg() or match is None or os.path.basename(member.name).startswith("__"):
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            if member.offset_data + member.size > file_size:
+                raise BadSampleError(
+                    f"{url} key {key}: member {member.name} truncated (needs {member.size} bytes at offset "
+                    f"{member.offset_data}, the file ends at {file_size})"
+                )
+            if ext in VIDEO_EXTS:
+                sample[ext] = FileSlice(path, member.offset_data, member.size)
+            else:
+                sample[ext] = archive.extractfile(member).read()
+            archive.members = []  # headers already seen are not needed again; keep memory flat over the shard
+    if sample is not None:
+        yield sample
+
+
+def tar_samples(handler: BadSampleHandler):
+    """Pipeline stage: shard dicts (``{"url": ...}``) -> samples; local shards in place, others via webdataset."""
+
+    def stage(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for source in sources:
+            url = source["url"]
+            path = _local_tar_path(url)
+            if path is None:
+                yield from wds.tarfile_to_samples(handler=handler)(iter([source]))
+                continue
+            try:
+                yield from _local_tar_samples(path, url)
+            except (tarfile.TarError, OSError, BadSampleError) as error:
+                if not handler(BadSampleError(f"{url}: {type(error).__name__}: {error}")):
+                    raise
+
+    return stage
 
 
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,7 +350,7 @@ def make_video_dataset(
     if resampled:
         stages: list[Any] = [
             wds.ResampledShards(urls, seed=epoch_seed, deterministic=True),
-            wds.tarfile_to_samples(handler=handler),
+            tar_samples(handler),
         ]
     else:
         _, world_size = _distributed_world()
@@ -294,14 +363,10 @@ def make_video_dataset(
         # The same permutation on every rank (seeded by seed and epoch only), then split by node and by worker.
         order = np.random.default_rng([seed, epoch]).permutation(len(urls)) if shuffle_buffer else range(len(urls))
         stages = [
-            wds.WebDataset(
-                [urls[i] for i in order],
-                handler=handler,
-                shardshuffle=False,  # already permuted above, identically on all ranks
-                nodesplitter=wds.split_by_node,
-                workersplitter=wds.split_by_worker,
-                empty_check=False,
-            )
+            wds.SimpleShardList([urls[i] for i in order]),  # already permuted above, identically on all ranks
+            wds.split_by_node,
+            wds.split_by_worker,
+            tar_samples(handler),
         ]
     if shuffle_buffer:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=epoch_seed))

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tarfile
 import time
+import tracemalloc
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from data_pipelines.build import (
     build_shards,
 )
 from data_pipelines.cli import main as cli_main
+from data_pipelines.probe import ProbeRequest, VideoLocation, probe_video
 from genvis.data.builtin import procedural_video
+from genvis.data.loaders import ClipConfig, make_video_dataset
 from genvis.data.schema import OPENVID_HEADER
 
 GOOD = [f"proc_{i:05d}" for i in range(6)]
@@ -289,3 +293,51 @@ def test_verify_reports_every_damaged_shard(
     assert re.search(r"000000\.tar: (unreadable tar|expected 2 samples, got [01])", err)
     assert "000002.tar: expected 2 samples, got 1" in err
     assert "Traceback" not in err
+
+
+def _padded_mp4(source: Path, target: Path, padding: int) -> None:
+    """A valid mp4 made ``padding`` bytes larger by a trailing ISO-BMFF ``free`` box (decoders skip it)."""
+    with open(target, "wb") as handle:
+        handle.write(source.read_bytes())
+        handle.write((padding + 8).to_bytes(4, "big") + b"free")
+        handle.truncate(handle.tell() + padding)
+
+
+def _traced_peak(function) -> tuple[object, int]:
+    tracemalloc.start()
+    try:
+        result = function()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_probe_build_and_loader_do_not_read_whole_videos(procedural_root: Path, tmp_path: Path) -> None:
+    """Python-side peak allocation stays far below a 24 MiB video in the probe, the shard writer and the loader
+    (``benchmarks/data_memory.py`` measures process RSS for 64 MiB vs 1 GiB files)."""
+    size = 24 << 20
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _padded_mp4(procedural_root / "videos" / "proc_00000.mp4", videos / "big.mp4", size)
+    rows = _rows(procedural_root)
+    csv_path = _write_csv(tmp_path / "openvid.csv", [{**rows[0], "video": "big.mp4"}])
+
+    result, peak = _traced_peak(lambda: probe_video(ProbeRequest(0, VideoLocation(str(videos / "big.mp4")))))
+    assert result.ok and result.info["probed_frames"] == 9, result
+    assert peak < size // 8, f"probe peak {peak / 2**20:.1f} MiB for a {size >> 20} MiB file"
+
+    with zipfile.ZipFile(tmp_path / "videos.zip", "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.write(videos / "big.mp4", "big.mp4")
+    location = VideoLocation(str(tmp_path / "videos.zip"), "big.mp4")
+    result, peak = _traced_peak(lambda: probe_video(ProbeRequest(0, location)))
+    assert result.ok and peak < size // 8, f"zip member probe peak {peak / 2**20:.1f} MiB"
+
+    out = tmp_path / "out"
+    report, peak = _traced_peak(lambda: build_shards(_config(csv_path, videos, out), progress=False))
+    assert report.num_samples == 1 and peak < size // 8, f"build peak {peak / 2**20:.1f} MiB"
+
+    clip = ClipConfig(num_frames=4, frame_stride=2, resolution_buckets=[(16, 16)])
+    dataset = make_video_dataset(out, clip, batch_size=1, resampled=False, shuffle_buffer=4)
+    batches, peak = _traced_peak(lambda: list(dataset))
+    assert [batch["__key__"] for batch in batches] == [["big"]]
+    assert peak < size // 8, f"loader peak {peak / 2**20:.1f} MiB"
