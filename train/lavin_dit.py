@@ -67,6 +67,7 @@ class ModelConfig:
     rope_theta: float | None = None
     # genvis options for small budgets (README "Why the tiny model learns"); false / "velocity" = the official J-DiT
     query_skip: bool = True  # each target token also sees its query patch (zero-init linear)
+    query_skip_kernel: int = 1  # k > 1: the k x k query patches around it (odd)
     context_summary: bool = True  # task vector from the context pairs, added to the timestep vector
     prediction_type: str = "query_residual"  # "velocity" (official) | "sample" | "query_residual"
     gradient_checkpointing: bool = False
@@ -99,6 +100,7 @@ class FlowConfig:
     l1_weight: float = 0.1
     context_dropout: float = 0.1  # unpublished; needed for the zero-frame CFG branch
     loss_weighting: str = "sample"  # the loss on the implied clean latents; "velocity": official
+    loss_normalization: str = "none"  # "copy": each sample's loss over its copy-the-query error (official: "none")
 
 
 @dataclass
@@ -276,7 +278,7 @@ def main() -> None:
     # stepped once per optimizer step on every rank (a prepared scheduler steps num_processes times)
     accelerator.register_for_checkpointing(lr_scheduler)
     flow = RectifiedFlow(cfg.flow.logit_mean, cfg.flow.logit_std, cfg.flow.shift, cfg.flow.l1_weight,
-                         cfg.flow.context_dropout, cfg.flow.loss_weighting)  # fmt: skip
+                         cfg.flow.context_dropout, cfg.flow.loss_weighting, cfg.flow.loss_normalization)  # fmt: skip
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
 
     def make_pipeline() -> LaVinDiTPipeline:

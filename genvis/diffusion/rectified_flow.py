@@ -79,6 +79,9 @@ def lavin_time_grid_sigmas(name: str) -> list[float]:
 
 
 LOSS_WEIGHTINGS = ("velocity", "sample")
+# "copy": each sample's loss over its copy-the-query error (floored), weights of batch mean 1
+LOSS_NORMALIZATIONS = ("none", "copy")
+COPY_ERROR_FLOOR = 0.01
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -237,6 +240,9 @@ class RectifiedFlow:
         loss_weighting: ``"velocity"`` (official: the loss on the velocity) or ``"sample"`` (each sample's error times
             ``1 - t``: the loss on the implied clean latents, which keeps x-prediction heads from being dominated by
             the ``1 / (1 - t)`` blow-up near t = 1).
+        loss_normalization: ``"none"`` (official) or ``"copy"`` (genvis: each sample's loss divided by its
+            copy-the-query error ``mean((x - query)^2)``, floored at :data:`COPY_ERROR_FLOOR`, with weights of batch
+            mean 1, so near-identity tasks, whose answers differ little from the query, weigh as much as the others).
     """
 
     def __init__(
@@ -247,7 +253,10 @@ class RectifiedFlow:
         l1_weight: float = 0.1,
         context_dropout: float = 0.1,
         loss_weighting: str = "velocity",
+        loss_normalization: str = "none",
     ) -> None:
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {loss_normalization!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         if logit_std <= 0:
@@ -260,7 +269,27 @@ class RectifiedFlow:
             raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
         self.logit_mean, self.logit_std, self.shift = logit_mean, logit_std, shift
         self.l1_weight, self.context_dropout = l1_weight, context_dropout
-        self.loss_weighting = loss_weighting
+        self.loss_weighting, self.loss_normalization = loss_weighting, loss_normalization
+
+    def _sample_weights(self, targets, contexts, query_frames) -> torch.Tensor | None:
+        """``(B,)`` weights of ``loss_normalization="copy"`` (None otherwise; 1 where the query's shape differs)."""
+        if self.loss_normalization == "none":
+            return None
+        frames = [query_frames] * len(targets) if isinstance(query_frames, int) else list(query_frames)
+        errors = []
+        for target, context, count in zip(targets, contexts, frames):
+            query = context[:, -count:]
+            same = query.shape == target.shape
+            errors.append(((target - query) ** 2).mean().float() if same else torch.tensor(float("nan")))
+        errors = torch.stack(errors).to(targets[0].device)
+        weights = 1.0 / errors.clamp_min(COPY_ERROR_FLOOR)
+        weights = torch.where(errors.isnan(), torch.ones_like(weights), weights)
+        return (weights / weights.mean()).detach()
+
+    def _result(self, per_sample, weights, timesteps, prediction, velocity) -> RectifiedFlowLoss:
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample.dtype)
+        return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
 
     def _error_scale(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         # x_hat - x = (1 - t) (v_hat - v): "sample" weighting scores the implied clean sample
@@ -308,6 +337,7 @@ class RectifiedFlow:
             raise ValueError("loss_mask is only supported for padded (tensor) latents")
         targets = list(target_latents)
         batch, device = len(targets), targets[0].device
+        weights = self._sample_weights(targets, list(context_latents), query_frames)
         timesteps = self.sample_timesteps(batch, generator, device)
         if packed and not (generator is None or isinstance(generator, torch.Generator)):
             noise = [_randn((1, *x.shape), [g], device, x.dtype)[0] for x, g in zip(targets, generator)]
@@ -324,7 +354,7 @@ class RectifiedFlow:
             per_sample = flow_matching_loss(
                 prediction, velocity, self.l1_weight, loss_mask, self._error_scale(timesteps)
             )
-            return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
+            return self._result(per_sample, weights, timesteps, prediction, velocity)
 
         # per-sample lengths differ (variable shapes or dropped context): run the model on packed samples
         noisy = [interpolate(x[None], n[None], t[None])[0] for x, n, t in zip(targets, noise, timesteps)]
@@ -341,10 +371,10 @@ class RectifiedFlow:
                     for p, u, scale in zip(prediction, velocity, (scales[i : i + 1] for i in range(batch)))
                 ]
             )
-            return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, list(prediction), velocity)
+            return self._result(per_sample, weights, timesteps, list(prediction), velocity)
         prediction, velocity = torch.stack(prediction), torch.stack(velocity)
         per_sample = flow_matching_loss(prediction, velocity, self.l1_weight, loss_mask, self._error_scale(timesteps))
-        return RectifiedFlowLoss(per_sample.mean(), per_sample, timesteps, prediction, velocity)
+        return self._result(per_sample, weights, timesteps, prediction, velocity)
 
 
 def _uniform(batch_size: int, generator: Generators, device: torch.device) -> torch.Tensor:

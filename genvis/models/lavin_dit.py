@@ -29,6 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+import torch.nn.functional as F
 from torch import nn
 
 from genvis.layers import (
@@ -373,6 +374,7 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         query_skip: bool = False,
+        query_skip_kernel: int = 1,
         context_summary: bool = False,
         prediction_type: str = "velocity",
     ) -> None:
@@ -397,6 +399,8 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"attention_head_dim must be divisible by 6 for the 3D RoPE (three even thirds), got {attention_head_dim}"
             )
+        if not isinstance(query_skip_kernel, int) or query_skip_kernel < 1 or query_skip_kernel % 2 == 0:
+            raise ValueError(f"query_skip_kernel must be an odd positive int, got {query_skip_kernel!r}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         dim = num_attention_heads * attention_head_dim
@@ -413,8 +417,15 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         self.target_embedder = PatchEmbed(in_channels, dim, patch)
         self.target_embedder_norm = nn.LayerNorm(dim, eps=1e-5)
         # genvis option (not in the official model): each target token also sees the query patch at its own
-        # (frame, row, column), through a zero-initialised linear added before the embedder norm
-        self.query_embedder = PatchEmbed(in_channels, dim, patch) if query_skip else None
+        # (frame, row, column), through a zero-initialised linear added before the embedder norm; with
+        # query_skip_kernel k > 1, the k x k query patches around it (zero-padded at the borders) in the same frame
+        self.query_skip_kernel = query_skip_kernel
+        if not query_skip:
+            self.query_embedder = None
+        elif query_skip_kernel == 1:
+            self.query_embedder = PatchEmbed(in_channels, dim, patch)
+        else:
+            self.query_embedder = nn.Linear(in_channels * patch_size**2 * query_skip_kernel**2, dim)
         # genvis option: a task vector from the context pairs (per-token MLP over each (input, target) patch pair,
         # averaged over every token of every pair, last layer zero-initialised) added to both timestep vectors, so
         # adaLN sees the task the way a class-conditional DiT sees its label
@@ -473,8 +484,9 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.pair_encoder[-1].weight)
             nn.init.zeros_(self.pair_encoder[-1].bias)
         if self.query_embedder is not None:  # starts as the official model: the skip adds exactly 0
-            nn.init.zeros_(self.query_embedder.proj.weight)
-            nn.init.zeros_(self.query_embedder.proj.bias)
+            skip = self.query_embedder.proj if isinstance(self.query_embedder, PatchEmbed) else self.query_embedder
+            nn.init.zeros_(skip.weight)
+            nn.init.zeros_(skip.bias)
         nn.init.normal_(self.context_type_embed, std=0.02)
         nn.init.normal_(self.target_type_embed, std=0.02)
         nn.init.normal_(self.time_embedding.linear_1.weight, std=0.02)
@@ -539,14 +551,26 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         patch = self.target_embedder.patch_size
         patches, grid = patchify(target, patch)
         query = patchify(context[:, :, -target.shape[2] :], patch)[0] if self.query_embedder is not None else None
-        return self.target_embedder_norm(self._target_tokens(patches, query)), grid
+        return self.target_embedder_norm(self._target_tokens(patches, query, [grid] * len(patches))), grid
 
-    def _target_tokens(self, patches: torch.Tensor, query_patches: torch.Tensor | None) -> torch.Tensor:
-        """Embed target patches; with ``query_skip`` add the embedded query patches at the same positions."""
+    def _target_tokens(self, patches: torch.Tensor, query_patches, grids) -> torch.Tensor:
+        """Embed ``(B, N, C*p*p)`` target patches (``(N, C*p*p)`` packed); with ``query_skip`` add the embedded query
+        patches at the same positions (``query_patches`` like ``patches``; ``grids``: each sample's token grid)."""
         tokens = self.target_embedder.forward_patches(patches)
         if self.query_embedder is None:
             return tokens
-        return tokens + self.query_embedder.forward_patches(query_patches)
+        if self.query_skip_kernel == 1:
+            return tokens + self.query_embedder.forward_patches(query_patches)
+        k = self.query_skip_kernel
+        packed = query_patches.ndim == 2
+        samples = query_patches.split([math.prod(g) for g in grids]) if packed else list(query_patches)
+        neighbourhoods = []
+        for sample, (frames, rows, cols) in zip(samples, grids):  # (T*h*w, F) frame-major -> (T*h*w, F*k*k)
+            per_frame = sample.reshape(frames, rows, cols, -1).permute(0, 3, 1, 2)
+            windows = F.unfold(per_frame, kernel_size=k, padding=k // 2)  # (T, F*k*k, h*w)
+            neighbourhoods.append(windows.transpose(1, 2).reshape(frames * rows * cols, -1))
+        features = torch.cat(neighbourhoods) if packed else torch.stack(neighbourhoods)
+        return tokens + self.query_embedder(features)
 
     def _positions(self, context_grid, target_grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         # frames are told apart only by t: context 0..T_c-1, target T_c..; every frame shares the spatial grid
@@ -688,7 +712,9 @@ class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
         context_tokens = self.context_embedder_norm(self.context_embedder.forward_patches(torch.cat(context_patches)))
         # the query is the tail of each condition stream: its patches are the last rows of the context patches
         query_patches = torch.cat([c[-len(x) :] for c, x in zip(context_patches, target_patches)])
-        target_tokens = self.target_embedder_norm(self._target_tokens(torch.cat(target_patches), query_patches))
+        target_tokens = self.target_embedder_norm(
+            self._target_tokens(torch.cat(target_patches), query_patches, target_grids)
+        )
         c_lengths = torch.tensor([t.shape[0] for t in context_patches], device=device)
         x_lengths = torch.tensor([t.shape[0] for t in target_patches], device=device)
         num_context = int(c_lengths.sum())

@@ -14,6 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from genvis.diffusion import RectifiedFlow, encode_episodes, sample_generators
 from genvis.diffusion.rectified_flow import flow_matching_loss
+from genvis.layers import patchify
 from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
 from genvis.pipelines import LaVinDiTPipeline, evaluate_in_context, evaluate_reliance, psnr
 from genvis.tasks import TaskMixture, list_tasks, sample_episode
@@ -75,6 +76,50 @@ def test_untrained_query_residual_model_answers_with_the_query():
     episode = sample_episode("denoising", 1, seed=3, size=16, split="test")
     frames = _pipeline(model)(episode.context_pairs, episode.query, output_type="pt", guidance_scale=1.0).frames
     torch.testing.assert_close(frames.transpose(0, 1) * 2 - 1, episode.query, atol=2e-5, rtol=0)
+
+
+def test_query_skip_kernel_sees_the_neighbouring_query_patches_and_packs_like_padded():
+    torch.manual_seed(0)
+    wide = LaVinDiTTransformer3DModel(**TINY, query_skip=True, query_skip_kernel=3)
+    assert wide.query_embedder.weight.shape == (wide.inner_dim, 12 * 4 * 9) and not wide.query_embedder.weight.any()
+    official = LaVinDiTTransformer3DModel(**TINY)
+    wide.load_state_dict(official.state_dict(), strict=False)
+    x, c, t = torch.randn(2, 12, 1, 8, 8), torch.randn(2, 12, 3, 8, 8), torch.rand(2)
+    torch.testing.assert_close(wide(x, c, t).sample, official(x, c, t).sample)  # zero-init: the official model
+    torch.nn.init.normal_(wide.query_embedder.weight, std=0.5)
+    patches = lambda latents: wide._target_tokens(  # noqa: E731 - target tokens of one (12, 1, 8, 8) query
+        torch.zeros(16, 48), patchify(latents[None], (1, 2, 2))[0][0], [(1, 4, 4)]
+    )
+    query = torch.randn(12, 1, 8, 8)
+    moved = query.clone()
+    moved[:, :, 0:2, 0:2] += 1.0  # query patch (0, 0): tokens (0,0), (0,1), (1,0), (1,1) see it, (2, 2) does not
+    changed = (patches(moved) - patches(query)).abs().sum(-1).view(4, 4) > 0
+    assert changed[:2, :2].all() and not changed[2:, :].any() and not changed[:, 2:].any()
+    packed = wide([x[0], x[1]], [c[0], c[1]], t).sample
+    torch.testing.assert_close(torch.stack(packed), wide(x, c, t).sample)
+    with pytest.raises(ValueError, match="query_skip_kernel must be an odd positive int"):
+        LaVinDiTTransformer3DModel(**TINY, query_skip=True, query_skip_kernel=2)
+
+
+def test_copy_normalization_weighs_each_sample_by_its_copy_error():
+    torch.manual_seed(0)
+    target = torch.randn(3, 12, 1, 4, 4)
+    query = target.clone()
+    query[0] += 0.5  # copy error 0.25
+    query[1] += 0.2  # 0.04
+    query[2] += 0.01  # 1e-4, below the floor 0.01
+    context = torch.cat([torch.randn(3, 12, 2, 4, 4), query], dim=2)
+    model = lambda noisy, ctx, t: type("Out", (), {"sample": torch.zeros_like(noisy)})()  # noqa: E731
+    generator = torch.Generator().manual_seed(1)
+    plain = RectifiedFlow(context_dropout=0.0).training_loss(model, target, context, generator=generator)
+    generator = torch.Generator().manual_seed(1)
+    normed = RectifiedFlow(context_dropout=0.0, loss_normalization="copy").training_loss(
+        model, target, context, generator=generator
+    )
+    weights = 1 / torch.tensor([0.25, 0.04, 0.01])
+    torch.testing.assert_close(normed.per_sample, plain.per_sample * weights / weights.mean())
+    with pytest.raises(ValueError, match="loss_normalization must be one of"):
+        RectifiedFlow(loss_normalization="task")
 
 
 def test_prediction_type_is_validated():
