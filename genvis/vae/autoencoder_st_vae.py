@@ -18,6 +18,10 @@ them from data with ``estimate_latent_normalization``). LaVin encodes with a pos
 2. ``encode`` / ``decode`` run on the whole clip in one pass; diffusers splits clips into 8-frame / 2-latent batches,
    which changes GroupNorm statistics for clips longer than 9 frames (specs/lavin_dit_mvdit.md §2.3).
 
+and one that only changes speed: on a 1-frame input (an image) a causal 3-D conv sees its frame replicated
+``kernel_t`` times, which equals a 2-D conv with the kernel summed over time (``STVAECausalConv3d``); same outputs
+and gradients up to float rounding, ~3x cheaper per image conv on CPU (measured 15.7 vs 4.5 ms, 32 ch, 32 px).
+
 Checked by ``tests/vae/test_st_vae.py``.
 """
 
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.upsampling import CogVideoXUpsample3D
 
@@ -85,6 +90,31 @@ class STVAEUpsample3D(CogVideoXUpsample3D):
         per_frame = upsampled.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
         convolved = self.conv(per_frame)  # (B * (2T-1), C', 2H, 2W)
         return convolved.reshape(batch, frames, *convolved.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+class STVAECausalConv3d(CogVideoXCausalConv3d):
+    """CogVideoX causal conv with an exact 2-D path for 1-frame inputs (no new state; same state-dict keys).
+
+    Causal padding repeats frame 0 ``kernel_t - 1`` times, so a 1-frame input becomes ``kernel_t`` identical frames
+    and the 3-D conv equals a 2-D conv with ``weight.sum(dim=2)``. Any other input takes diffusers' path.
+    """
+
+    def forward(self, inputs: torch.Tensor, conv_cache: torch.Tensor | None = None):
+        conv = self.conv
+        if (
+            inputs.shape[2] != 1
+            or conv_cache is not None
+            or self.pad_mode == "replicate"
+            or conv.stride[0] != 1
+            or conv.dilation[0] != 1
+        ):
+            return super().forward(inputs, conv_cache)
+        output = F.conv2d(
+            inputs[:, :, 0], conv.weight.sum(dim=2), conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:]
+        )  # (B, C', H', W')
+        # diffusers' cache: the last max(kernel_t - 1, 1) frames of the padded input, all copies of frame 0.
+        cache = inputs.expand(-1, -1, max(self.time_kernel_size - 1, 1), -1, -1).clone()
+        return output[:, :, None], cache
 
 
 class AutoencoderKLSTVAE(AutoencoderKLCogVideoX):
@@ -148,6 +178,10 @@ class AutoencoderKLSTVAE(AutoencoderKLCogVideoX):
                     replacement = STVAEUpsample3D(1, 1, compress_time=True)
                     replacement.conv = upsampler.conv
                     up_block.upsamplers[index] = replacement
+        # The image fast path: same modules and weights, a forward that skips the replicated frames.
+        for module in self.modules():
+            if type(module) is CogVideoXCausalConv3d:
+                module.__class__ = STVAECausalConv3d
 
     def _tiles(self, tensor: torch.Tensor, latent: bool) -> bool:
         height = self.tile_latent_min_height if latent else self.tile_sample_min_height

@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX
+from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
 
 from genvis.vae import (
     OFFICIAL_SCALING_FACTOR,
     OFFICIAL_SHIFT_FACTOR,
     AutoencoderKLSTVAE,
+    STVAECausalConv3d,
     STVAEUpsample3D,
     build_st_vae,
     check_num_frames,
@@ -130,13 +132,19 @@ def test_lavin_upsampling_differs_from_diffusers_only_for_even_latent_counts(tin
     reference = AutoencoderKLCogVideoX(**st_vae_config("tiny")).eval()
     reference.load_state_dict(tiny_vae.state_dict())
     with torch.no_grad():
-        for num_frames in (1, 9):  # odd latent counts: bit-identical (spec §2.3)
+        for num_frames in (1, 9):  # odd latent counts: the same outputs (spec §2.3)
             pixels = _pixels(1, 3, num_frames, 16, 16)
             ours = encode_frames(tiny_vae, pixels, mode="mode")
-            assert torch.equal(ours, encode_frames(reference, pixels, mode="mode"))
-            assert torch.equal(
-                decode_latents(tiny_vae, ours), reference.decode(denormalize_latents(ours, tiny_vae)).sample
-            )
+            decoded = decode_latents(tiny_vae, ours)
+            theirs = encode_frames(reference, pixels, mode="mode")
+            if num_frames == 1:  # the image fast path sums the kernel over time: equal up to float rounding
+                torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    decoded, reference.decode(denormalize_latents(ours, tiny_vae)).sample, atol=1e-5, rtol=1e-4
+                )
+            else:  # clips take diffusers' own conv path: bit-identical
+                assert torch.equal(ours, theirs)
+                assert torch.equal(decoded, reference.decode(denormalize_latents(ours, tiny_vae)).sample)
         latents = encode_frames(tiny_vae, _pixels(1, 3, 5, 16, 16), mode="mode")  # 2 latent frames
         assert (
             reference.decode(denormalize_latents(latents, reference)).sample.shape[2] == 8
@@ -144,6 +152,28 @@ def test_lavin_upsampling_differs_from_diffusers_only_for_even_latent_counts(tin
         assert decode_latents(tiny_vae, latents).shape[2] == 5
         with pytest.raises(ValueError, match="AutoencoderKLSTVAE"):
             decode_latents(reference, latents)
+
+
+def test_image_fast_path_matches_the_3d_conv_in_outputs_gradients_and_cache():
+    torch.manual_seed(0)
+    for kernel in (3, 1):
+        fast = STVAECausalConv3d(4, 6, kernel_size=(kernel, 3, 3))
+        slow = CogVideoXCausalConv3d(4, 6, kernel_size=(kernel, 3, 3))
+        slow.load_state_dict(fast.state_dict())  # same state-dict keys
+        image = torch.randn(2, 4, 1, 8, 8, requires_grad=True)
+        (out_fast, cache_fast), (out_slow, cache_slow) = fast(image), slow(image)
+        torch.testing.assert_close(out_fast, out_slow, atol=1e-5, rtol=1e-4)
+        assert torch.equal(cache_fast, cache_slow)
+        grad_fast = torch.autograd.grad(out_fast.square().sum(), [image, fast.conv.weight])
+        grad_slow = torch.autograd.grad(out_slow.square().sum(), [image, slow.conv.weight])
+        for a, b in zip(grad_fast, grad_slow):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        clip = torch.randn(1, 4, 3, 8, 8)  # more than one frame, or a cache: diffusers' path, bit-identical
+        assert torch.equal(fast(clip)[0], slow(clip)[0])
+        assert torch.equal(fast(image, cache_slow)[0], slow(image, cache_slow)[0])
+    vae = build_st_vae("tiny")
+    assert not any(type(m) is CogVideoXCausalConv3d for m in vae.modules())  # every causal conv is the fast one
+    assert any(type(m) is STVAECausalConv3d for m in vae.modules())
 
 
 def test_latent_normalisation_inverse_and_estimate(tiny_vae):
