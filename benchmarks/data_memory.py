@@ -131,9 +131,9 @@ def _measure(case: str, video: Path, workdir: Path) -> dict[str, float]:
         assert len(batches) == 1
     elif case == "loader_bytes":
         sample = next(iter(wds.WebDataset(str(shards / "000000.tar"), shardshuffle=False, empty_check=False)))
-        read_frames(sample["mp4"], list(range(0, 48, 3)), backend="decord")
+        read_frames(sample["mp4"], list(range(0, 48, 3)), decoder="decord")
     elif case in ("decode_decord", "decode_pyav"):
-        read_frames(video, list(range(400, 448, 3)), backend=case.removeprefix("decode_"))
+        read_frames(video, list(range(400, 448, 3)), decoder=case.removeprefix("decode_"))
     return {case: peak_mib() - baseline}
 
 

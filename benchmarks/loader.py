@@ -42,7 +42,7 @@ def naive_clips(paths: list[Path], backend: str) -> Iterator[torch.Tensor]:
     rng = np.random.default_rng(0)
     for path in paths:
         if backend == "pyav":
-            frames = read_frames(path, backend="pyav")  # full decode, then pick
+            frames = read_frames(path, decoder="pyav")  # full decode, then pick
             indices = sample_frame_indices(len(frames), NUM_FRAMES, STRIDE, rng=rng)
             yield _to_clip(frames[indices])
         else:

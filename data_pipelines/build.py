@@ -6,7 +6,8 @@ Stages, in CSV order:
    consistency, camera motion) run here, before any decoding.
 2. **File**: find the video in the flat folder (``video`` column) or in a zip archive (``zip_file`` + ``video_path``
    columns, or ``--video-root`` pointing at a zip); a missing file is rejected.
-3. **Probe**: decord decodes each video in a worker subprocess with a timeout (``data_pipelines.probe``); corrupt,
+3. **Probe**: decord, torchcodec or PyAV (``--decoder``; ``auto`` takes the first installed, logged in one line)
+   decodes each video in a worker subprocess with a timeout (``data_pipelines.probe``); corrupt,
    truncated, empty, non-video, hanging or crashing files are rejected. Duration, fps, frame-count and resolution
    filters run on the probed values.
 4. **Write**: accepted samples go, in CSV order, into ``{shard:06d}.tar`` (``__key__``, ``mp4``, ``txt``, ``json``) via
@@ -49,7 +50,6 @@ from data_pipelines.probe import (
     ProbeResult,
     VideoLocation,
     open_video_stream,
-    probe_decoder,
 )
 from genvis.data.schema import (
     CAPTION_EXT,
@@ -67,6 +67,7 @@ from genvis.data.schema import (
     resolve_columns,
     sample_key,
 )
+from genvis.data.video import DECODERS, log_decoder_choice
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class BuildConfig:
         probe_fn: ``module:function`` probe run in the workers.
         num_workers: probe worker processes.
         limit: only consider the first ``limit`` CSV rows (None: all).
+        decoder: ``auto`` (decord, else torchcodec, else PyAV) or one of them; a requested decoder that is not
+            installed stops the build before any row is probed. Not part of the resume fingerprint (the decoders
+            agree on frames, size and fps); the one used is recorded in the manifest.
     """
 
     csv_path: str
@@ -146,6 +150,7 @@ class BuildConfig:
     probe_fn: str = DEFAULT_PROBE_FN
     num_workers: int = 2
     limit: int | None = None
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         if self.shard_max_count < 1:
@@ -158,13 +163,15 @@ class BuildConfig:
                 raise ValueError(f"ranges: unknown field {name!r}, expected one of {sorted(known)}")
             if low is not None and high is not None and low > high:
                 raise ValueError(f"ranges[{name!r}]: min {low} is above max {high}")
+        if self.decoder not in ("auto", *DECODERS):
+            raise ValueError(f"decoder: expected one of {['auto', *DECODERS]}, got {self.decoder!r}")
         if self.probe_mode not in ("sparse", "full"):
             raise ValueError(f"probe_mode: expected 'sparse' or 'full', got {self.probe_mode!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resume must agree on (worker count, timeout and probe hook may change between runs)."""
         fields = dataclasses.asdict(self)
-        for volatile in ("num_workers", "probe_timeout_s", "probe_fn", "out_dir"):
+        for volatile in ("num_workers", "probe_timeout_s", "probe_fn", "out_dir", "decoder"):
             fields.pop(volatile)
         fields["ranges"] = {name: list(bounds) for name, bounds in sorted(self.ranges.items())}
         fields["csv_path"] = str(Path(self.csv_path).resolve())
@@ -845,18 +852,15 @@ def _ordered(results: Iterator[ProbeResult], order: list[int]) -> Iterator[Probe
             position += 1
 
 
-def _log_decoder(config: BuildConfig) -> None:
-    """One line saying which decoder probes use; no decoder at all stops the build before any row is touched."""
+def _log_decoder(config: BuildConfig) -> str:
+    """One line naming the decoder probes use and why; a requested decoder that is not installed (or no decoder at
+    all) stops the build before any row is touched. Returns the decoder's name (``custom`` for a ``--probe-fn``)."""
     if config.probe_fn != DEFAULT_PROBE_FN:
-        return
+        return "custom"
     try:
-        decoder = probe_decoder()
+        return log_decoder_choice("genvis-shards build: probes", config.decoder)
     except DecoderMissingError as error:
         raise BuildEnvironmentError(str(error)) from error
-    if decoder == "pyav":
-        logger.warning("decord is not installed: probing with PyAV (same checks, slower random access)")
-    else:
-        logger.info("probing with decord")
 
 
 def _environment_failure(config: BuildConfig, row: CsvRow, result: ProbeResult) -> BuildEnvironmentError:
@@ -892,7 +896,7 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
     # Read the CSV first: a schema error must not leave an output folder or a journal behind.
     rows, rejected = read_csv_rows(config)
     fingerprint = config.fingerprint()
-    _log_decoder(config)
+    decoder = _log_decoder(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = _claim_out_dir(out_dir, fingerprint, overwrite)
 
@@ -905,7 +909,15 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
 
     sink = _ShardSink(config, out_dir, first_shard=len(finished))
     requests = (
-        ProbeRequest(row.index, row.location, row.values.get("frame"), config.frame_tolerance, mode=config.probe_mode)
+        ProbeRequest(
+            row.index,
+            row.location,
+            row.values.get("frame"),
+            config.frame_tolerance,
+            mode=config.probe_mode,
+            # The workers use the decoder named in the log line (a custom probe resolves config.decoder itself).
+            decoder=config.decoder if decoder == "custom" else decoder,
+        )
         for row in todo
     )
     pool = ProbePool(config.num_workers, config.probe_timeout_s, config.probe_fn)
@@ -947,7 +959,7 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
         resumed_shards=len(finished),
     )
     _check_not_all_crashed(all_rejected, report.num_samples)
-    _write_manifest(config, fingerprint, report, records, num_rows=len(rows) + len(rejected))
+    _write_manifest(config, fingerprint, report, records, num_rows=len(rows) + len(rejected), decoder=decoder)
     return report
 
 
@@ -957,6 +969,7 @@ def _write_manifest(
     report: BuildReport,
     records: list[_ShardRecord],
     num_rows: int,
+    decoder: str,
 ) -> None:
     reasons: dict[str, int] = {}
     for rejection in report.rejected:
@@ -967,6 +980,7 @@ def _write_manifest(
         "csv": str(config.csv_path),
         "video_root": str(config.video_root),
         "config": fingerprint,
+        "decoder": decoder,
         "num_rows": num_rows,
         "num_samples": report.num_samples,
         "num_rejected": len(report.rejected),

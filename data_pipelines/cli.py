@@ -22,6 +22,7 @@ from data_pipelines.build import (
     build_shards,
 )
 from data_pipelines.probe import DEFAULT_PROBE_FN
+from genvis.data.video import DECODERS, DecoderUnavailableError
 
 _EXAMPLES = """examples:
   genvis-shards build --csv OpenVid-1M.csv --video-root video/ --out shards/ --min-aesthetic 5 --max-count 1000
@@ -56,7 +57,14 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="discard an earlier build in --out instead of resuming"
     )
     shards.add_argument("--no-progress", action="store_true", help="no progress bar")
-    probing = parser.add_argument_group("probing (decord, one subprocess per worker)")
+    probing = parser.add_argument_group("probing (one subprocess per worker)")
+    probing.add_argument(
+        "--decoder",
+        choices=("auto", *DECODERS),
+        default="auto",
+        help="video decoder: auto (default) takes decord, else torchcodec, else PyAV, and logs which and why; "
+        "a named decoder that is not installed is an error naming the package",
+    )
     probing.add_argument(
         "--probe-timeout", type=float, default=60.0, help="seconds per video before its probe is killed"
     )
@@ -116,6 +124,7 @@ def _config_from_args(args: argparse.Namespace, csv_path: str, video_root: str) 
         probe_fn=args.probe_fn,
         num_workers=args.workers,
         limit=args.limit,
+        decoder=args.decoder,
     )
 
 
@@ -133,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build",
         help="CSV + videos -> shards",
         description=(
-            "Probe every video with decord in worker subprocesses (timeout per video), apply the filters, and write "
+            "Probe every video (decord, torchcodec or PyAV: --decoder) in worker subprocesses (timeout per video), apply the filters, and write "
             "{shard:06d}.tar shards with __key__, mp4, txt, json (all CSV fields + probed width/height/frames/fps), "
             "manifest.json and rejected.csv. Re-running with the same options resumes: finished shards are kept."
         ),
@@ -165,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="read shards back with webdataset and check them against the manifest")
     verify.add_argument("shard_dir", help="folder with manifest.json and the shards")
-    verify.add_argument("--decode", action="store_true", help="also decode every mp4 with decord")
+    verify.add_argument("--decode", action="store_true", help="also decode the first frame of every video")
+    verify.add_argument("--decoder", choices=("auto", *DECODERS), default="auto", help="decoder for --decode")
     return parser
 
 
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("genvis.data.decoder").setLevel(logging.INFO)  # the one line naming the decoder and why
     try:
         if args.command == "build":
             report = build_shards(
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from data_pipelines.verify import verify_shards
 
-            summary = verify_shards(args.shard_dir, decode=args.decode)
+            summary = verify_shards(args.shard_dir, decode=args.decode, decoder=args.decoder)
             print(summary)
             return 0
     except KeyboardInterrupt:
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except BuildEnvironmentError as error:
+    except (BuildEnvironmentError, DecoderUnavailableError) as error:
         print(f"genvis-shards: error: {error}", file=sys.stderr)
         return 1
     except (CsvSchemaError, OutputConflictError, FileNotFoundError, ValueError) as error:

@@ -1,4 +1,5 @@
-"""Probe videos with decord (PyAV where decord is not installed) in worker subprocesses, each under a timeout.
+"""Probe videos with decord, torchcodec or PyAV (``--decoder``, default ``auto``: the first of them installed) in
+worker subprocesses, each under a timeout.
 
 Videos are decoded where they lie (a path, a stored zip member as a byte range, a compressed member unpacked to a
 temporary file): a probe's memory does not grow with the file size.
@@ -28,7 +29,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
-from genvis.data.video import FileSlice, VideoSource, container_extension, has_decord
+from genvis.data.video import (
+    Decoder,
+    DecoderName,
+    DecoderUnavailableError,
+    FileSlice,
+    VideoSource,
+    container_extension,
+    resolve_decoder,
+)
 
 DEFAULT_PROBE_FN = "data_pipelines.probe:probe_video"
 
@@ -125,6 +134,7 @@ class ProbeRequest:
         expected_frames: the CSV ``frame`` value, to catch truncated files that still decode (None to skip).
         frame_tolerance: allowed relative mismatch between probed and expected frame counts.
         mode: ``sparse`` decodes the first, middle and last frames; ``full`` decodes every frame.
+        decoder: ``auto`` or a decoder name (resolved in the worker, like in the main process).
     """
 
     index: int
@@ -132,6 +142,7 @@ class ProbeRequest:
     expected_frames: int | None = None
     frame_tolerance: float = 0.1
     mode: Literal["sparse", "full"] = "sparse"
+    decoder: Decoder = "auto"
 
 
 @dataclass
@@ -153,32 +164,30 @@ class ProbeResult:
     environment: bool = False
 
 
-class DecoderMissingError(ImportError):
-    """Neither decord nor PyAV can be imported: no video can be probed on this machine."""
+# The earlier name: raised when no decoder (or not the requested one) can be used on this machine.
+DecoderMissingError = DecoderUnavailableError
 
 
-def probe_decoder() -> Literal["decord", "pyav"]:
-    """The decoder probes use: decord when installed (x86_64 Linux wheels), else PyAV."""
-    if has_decord():
-        return "decord"
-    try:
-        import av  # noqa: F401
-    except ImportError as error:
-        raise DecoderMissingError(
-            f"no video decoder: decord is not installed and PyAV does not import ({error}); "
-            "install one: `pip install av` (every platform) or `pip install decord` (x86_64 Linux)"
-        ) from error
-    return "pyav"
+def probe_decoder(decoder: Decoder = "auto") -> DecoderName:
+    """The decoder probes use: the requested one, or for ``auto`` decord, else torchcodec, else PyAV.
+
+    Raises:
+        DecoderUnavailableError: it (for ``auto``: every decoder) is not installed; the message names the package.
+    """
+    return resolve_decoder(decoder)[0]
+
+
+_PROBES: dict[str, Callable[[VideoSource, ProbeRequest], tuple[int, float, int, int] | str]] = {}
 
 
 def probe_video(request: ProbeRequest) -> ProbeResult:
-    """Decode ``request``'s video in place (decord, else PyAV) and check it; a bad video becomes a reason."""
-    decoder = probe_decoder()
+    """Decode ``request``'s video in place with its decoder and check it; a bad video becomes a reason."""
+    decoder = probe_decoder(request.decoder)
     head = video_head(request.location)
     if not head:
         return ProbeResult(request.index, False, "empty file (0 bytes)")
     with decodable_source(request.location) as source:
-        probed = _probe_decord(source, request) if decoder == "decord" else _probe_pyav(source, request)
+        probed = _PROBES[decoder](source, request)
     if isinstance(probed, str):
         return ProbeResult(request.index, False, probed)
     num_frames, fps, width, height = probed
@@ -233,7 +242,7 @@ def _probe_pyav(source: VideoSource, request: ProbeRequest) -> tuple[int, float,
     from genvis.data.video import read_frames, video_info
 
     try:
-        info = video_info(_source_url(source), backend="pyav")
+        info = video_info(_source_url(source), decoder="pyav")
     except (av.FFmpegError, ValueError, IndexError) as error:
         return f"not a decodable video: {type(error).__name__}: {_short(error, source)}"
     if info.num_frames < 1:
@@ -241,13 +250,36 @@ def _probe_pyav(source: VideoSource, request: ProbeRequest) -> tuple[int, float,
     total = info.num_frames
     indices = None if request.mode == "full" else sorted({0, total // 2, total - 1})
     try:
-        frames = read_frames(_source_url(source), indices, backend="pyav")
+        frames = read_frames(_source_url(source), indices, decoder="pyav")
     except (av.FFmpegError, ValueError, IndexError) as error:
         return f"decode failed: {type(error).__name__}: {_short(error, source)}"
     if request.mode == "full":
         total = len(frames)
     return total, info.fps, int(frames.shape[2]), int(frames.shape[1])
 
+
+def _probe_torchcodec(source: VideoSource, request: ProbeRequest) -> tuple[int, float, int, int] | str:
+    """torchcodec version of ``_probe_decord`` (exact seek mode: the frame count comes from a scan)."""
+    from genvis.data.video import open_torchcodec
+
+    try:
+        reader = open_torchcodec(source)
+        metadata = reader.metadata
+    except (RuntimeError, ValueError) as error:
+        return f"not a decodable video: {type(error).__name__}: {_short(error, source)}"
+    num_frames = int(metadata.num_frames or 0)
+    if num_frames < 1:
+        return "video has no frames"
+    indices = list(range(num_frames)) if request.mode == "full" else sorted({0, num_frames // 2, num_frames - 1})
+    try:
+        frames = reader.get_frames_at(indices).data
+    except (RuntimeError, ValueError, IndexError) as error:
+        return f"decode failed: {type(error).__name__}: {_short(error, source)}"
+    height, width = (int(size) for size in frames.shape[1:3])
+    return num_frames, float(metadata.average_fps or 0.0), width, height
+
+
+_PROBES.update(decord=_probe_decord, torchcodec=_probe_torchcodec, pyav=_probe_pyav)
 
 _CLOCK_STAMP = re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*|\S+\.(?:cc|cpp|h):\d+:\s*|\s*@\s*0x[0-9a-fA-F]+")
 

@@ -14,7 +14,7 @@ import webdataset as wds
 
 from data_pipelines.build import read_manifest
 from genvis.data.schema import CAPTION_EXT, METADATA_EXT, VIDEO_EXTS
-from genvis.data.video import read_frames
+from genvis.data.video import log_decoder_choice, read_frames
 
 
 class ShardVerificationError(ValueError):
@@ -29,22 +29,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_sample(path: Path, sample: dict[str, Any], decode: bool) -> list[str]:
+def _check_sample(path: Path, sample: dict[str, Any], decoder: str | None) -> list[str]:
     key = sample.get("__key__", "?")
     video = [ext for ext in VIDEO_EXTS if ext in sample]
     missing = [ext for ext in (METADATA_EXT, CAPTION_EXT) if ext not in sample] + ([] if video else ["video"])
     if missing:
         found = sorted(name for name in sample if not name.startswith("__"))
         return [f"{path} key {key}: missing members {missing}, got {found}"]
-    if decode:
+    if decoder:
         try:
-            read_frames(sample[video[0]], [0])
+            read_frames(sample[video[0]], [0], decoder=decoder)
         except (RuntimeError, ValueError, IndexError) as error:
             return [f"{path} key {key}: {video[0]} does not decode ({type(error).__name__}: {error})"]
     return []
 
 
-def _check_shard(path: Path, entry: dict[str, Any], decode: bool) -> tuple[list[str], int]:
+def _check_shard(path: Path, entry: dict[str, Any], decoder: str | None) -> tuple[list[str], int]:
     """Problems of one shard and the samples it yielded."""
     if not path.is_file():
         return [f"{path}: missing"], 0
@@ -69,7 +69,7 @@ def _check_shard(path: Path, entry: dict[str, Any], decode: bool) -> tuple[list[
     dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, handler=collect)
     for sample in dataset:
         keys.append(sample.get("__key__", "?"))
-        problems += _check_sample(path, sample, decode)
+        problems += _check_sample(path, sample, decoder)
     problems += [f"{path}: unreadable tar ({error})" for error in errors]
     if len(keys) != entry["count"]:
         problems.append(f"{path}: expected {entry['count']} samples, got {len(keys)}")
@@ -78,9 +78,9 @@ def _check_shard(path: Path, entry: dict[str, Any], decode: bool) -> tuple[list[
     return problems, len(keys)
 
 
-def verify_shards(shard_dir: str | Path, decode: bool = False) -> str:
+def verify_shards(shard_dir: str | Path, decode: bool = False, decoder: str = "auto") -> str:
     """Check every shard's size, sha256, tar structure, sample count, keys and members (and decode each video's
-    first frame when ``decode``).
+    first frame with ``decoder`` when ``decode``).
 
     Returns:
         A one-line summary.
@@ -90,11 +90,12 @@ def verify_shards(shard_dir: str | Path, decode: bool = False) -> str:
     """
     folder = Path(shard_dir)
     manifest = read_manifest(folder)
+    chosen = log_decoder_choice("genvis-shards verify --decode", decoder) if decode else None
     problems: list[str] = []
     damaged: list[str] = []
     total = 0
     for entry in manifest["shards"]:
-        shard_problems, count = _check_shard(folder / entry["name"], entry, decode)
+        shard_problems, count = _check_shard(folder / entry["name"], entry, chosen)
         problems += shard_problems
         damaged += [entry["name"]] if shard_problems else []
         total += count

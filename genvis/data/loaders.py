@@ -7,7 +7,10 @@ Two modes (specs/perf_reliability_ecosystem.md §B3):
 - **evaluation** (``resampled=False``): every sample exactly once; shards are permuted by (seed, epoch) identically
   on every rank, then split by node and by worker; fewer shards than ranks x workers is an error naming the numbers.
 
-Clips: decord decodes ``num_frames`` frames at ``frame_stride`` (OpenVid: 16 at stride 3, uniform fallback for short
+Decoder: ``decoder="auto"`` (decord, else torchcodec, else PyAV) or one by name; the choice and why is logged once
+on ``genvis.data.decoder`` when the dataset is made, and every DataLoader worker uses that same decoder.
+
+Clips: the decoder reads ``num_frames`` frames at ``frame_stride`` (OpenVid: 16 at stride 3, uniform fallback for short
 videos), resized to cover and centre-cropped to a resolution bucket; ``causal_vae=True`` requires ``1 + 4k`` frames.
 Bad samples (corrupt mp4, missing member, truncated tar) are logged with shard and key, counted, and skipped; a
 ``max_bad_fraction`` guard stops a run whose data is mostly broken.
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from genvis.data.schema import CAPTION_EXT, MANIFEST_NAME, METADATA_EXT, VIDEO_EXTS
-from genvis.data.video import FileSlice, VideoSource, read_frames, sample_frame_indices
+from genvis.data.video import FileSlice, VideoSource, log_decoder_choice, read_frames, sample_frame_indices
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +158,14 @@ class ClipDecoder:
     Output: ``video`` (C, T, H, W) float32 in [-1, 1], ``caption`` str, ``metadata`` dict, ``__key__``, ``__url__``.
     """
 
-    def __init__(self, config: ClipConfig, handler: BadSampleHandler, seed: int = 0, epoch: int = 0) -> None:
+    def __init__(
+        self, config: ClipConfig, handler: BadSampleHandler, seed: int = 0, epoch: int = 0, decoder: str = "auto"
+    ) -> None:
         self.config = config
         self.handler = handler
         self.seed = seed
         self.epoch = epoch
+        self.decoder = decoder
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
@@ -169,7 +175,7 @@ class ClipDecoder:
             raise BadSampleError(f"{url} key {key}: missing member(s) {missing}, got {sorted(sample)}")
         try:
             metadata = json.loads(sample[METADATA_EXT]) if METADATA_EXT in sample else {}
-            frames_total, height, width = self._stream_shape(sample[video_ext], metadata)
+            frames_total, height, width = self._stream_shape(sample[video_ext], metadata, self.decoder)
             num_frames, bucket_h, bucket_w = choose_bucket(self.config, frames_total, height, width)
             indices = sample_frame_indices(
                 frames_total,
@@ -178,7 +184,7 @@ class ClipDecoder:
                 rng=_sample_rng(self.seed, self.epoch, key),
                 position=self.config.position,
             )
-            frames = read_frames(sample[video_ext], indices)
+            frames = read_frames(sample[video_ext], indices, decoder=self.decoder)
         except (RuntimeError, ValueError, IndexError, OSError) as error:
             raise BadSampleError(f"{url} key {key}: {type(error).__name__}: {error}") from error
         video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, H, W, C) -> (T, C, H, W)
@@ -195,13 +201,13 @@ class ClipDecoder:
         }
 
     @staticmethod
-    def _stream_shape(video: VideoSource, metadata: dict[str, Any]) -> tuple[int, int, int]:
+    def _stream_shape(video: VideoSource, metadata: dict[str, Any], decoder: str) -> tuple[int, int, int]:
         """(frames, height, width), from the builder's probe fields when present, else from the stream."""
         if all(name in metadata for name in ("probed_frames", "height", "width")):
             return int(metadata["probed_frames"]), int(metadata["height"]), int(metadata["width"])
         from genvis.data.video import video_info
 
-        info = video_info(video)
+        info = video_info(video, decoder=decoder)
         return info.num_frames, info.height, info.width
 
 
@@ -325,6 +331,7 @@ def make_video_dataset(
     num_workers: int = 0,
     max_bad_fraction: float = 0.2,
     drop_last: bool | None = None,
+    decoder: str = "auto",
 ) -> wds.DataPipeline:
     """The batched webdataset pipeline (use ``make_video_loader`` for the DataLoader around it).
 
@@ -339,11 +346,16 @@ def make_video_dataset(
         num_workers: DataLoader workers that will iterate this dataset (checked against the shard count).
         max_bad_fraction: abort when more than this fraction of samples is bad.
         drop_last: drop incomplete bucket batches (default: True when resampled).
+        decoder: ``auto`` (decord, else torchcodec, else PyAV) or one of them; resolved and logged here, once.
+
+    Raises:
+        DecoderUnavailableError: the requested decoder (for ``auto``: every decoder) is not installed.
     """
     clip = clip or ClipConfig()
     urls = resolve_shards(shards)
     handler = BadSampleHandler(max_bad_fraction=max_bad_fraction)
-    decoder = ClipDecoder(clip, handler, seed=seed, epoch=epoch)
+    chosen = log_decoder_choice("video loader", decoder)
+    clip_decoder = ClipDecoder(clip, handler, seed=seed, epoch=epoch, decoder=chosen)
     drop_last = resampled if drop_last is None else drop_last
     # webdataset's make_seed mixes ints with hash(); ints hash to themselves, so seeds are stable across processes.
     epoch_seed = seed * 1_000_003 + epoch
@@ -371,7 +383,7 @@ def make_video_dataset(
     if shuffle_buffer:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=epoch_seed))
     stages += [
-        wds.map(decoder, handler=handler),
+        wds.map(clip_decoder, handler=handler),
         wds.pipelinefilter(bucket_batches)(batch_size, drop_last),
     ]
     return wds.DataPipeline(*stages)
@@ -389,6 +401,7 @@ def make_video_loader(
     shuffle_buffer: int = 64,
     max_bad_fraction: float = 0.2,
     timeout_s: float = 0.0,
+    decoder: str = "auto",
 ) -> wds.WebLoader:
     """A ``wds.WebLoader`` yielding bucketed clip batches (see ``make_video_dataset`` for the arguments).
 
@@ -409,6 +422,7 @@ def make_video_loader(
         shuffle_buffer=shuffle_buffer,
         num_workers=num_workers,
         max_bad_fraction=max_bad_fraction,
+        decoder=decoder,
     )
     loader = wds.WebLoader(
         dataset,

@@ -1,20 +1,26 @@
-"""Video decoding (decord, PyAV fallback), mp4 writing (PyAV libx264) and clip frame-index sampling.
+"""Video decoding (decord, torchcodec or PyAV), mp4 writing (PyAV libx264) and clip frame-index sampling.
 
-decord is fast at random access (``get_batch``). It has x86_64 Linux wheels only and is unmaintained, so PyAV (which
-bundles FFmpeg and libx264) is the fallback. Frame sampling follows the OpenVid-1M paper (16 frames at stride 3,
-uniform fallback when a clip is too short) and the ``1 + 4k`` frame rule of causal video VAEs.
+Decoders, in the order ``decoder="auto"`` tries them: decord (fast random access with ``get_batch``; x86_64 Linux
+wheels only, unmaintained), torchcodec (PyTorch's maintained decoder; needs the wheel matching the installed torch and
+FFmpeg 4-8 shared libraries on the system) and PyAV (bundles FFmpeg, every platform). ``resolve_decoder`` picks one
+and says why; ``log_decoder_choice`` logs that once per process; asking for a decoder that is not there raises
+``DecoderUnavailableError`` naming the package to install. Frame sampling follows the OpenVid-1M paper (16 frames at
+stride 3, uniform fallback when a clip is too short) and the ``1 + 4k`` frame rule of causal video VAEs.
 
 Memory: a video is decoded from where it lies, never read into memory first. A path is opened by the decoder; a tar
 shard member or a stored zip member is a ``FileSlice`` (file, offset, size) opened through FFmpeg's ``subfile``
-protocol, so only the packets the decoder needs are read and peak memory does not grow with the file size. ``bytes``
-are still accepted (decord copies them once more). PyAV keeps only the requested frames while it scans.
-Checked by ``tests/data/test_video_loaders.py``.
+protocol, so only the packets the decoder needs are read and peak memory does not grow with the file size (decord's
+own decode state does grow with very long files; PyAV's does not: ``benchmarks/data_memory.py``). ``bytes`` are still
+accepted (decord copies them once more). PyAV keeps only the requested frames while it scans.
+Checked by ``tests/data/test_video_loaders.py`` and ``tests/data/test_decoders.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +28,26 @@ from typing import Literal
 
 import numpy as np
 
-Backend = Literal["auto", "decord", "pyav"]
+DecoderName = Literal["decord", "torchcodec", "pyav"]
+Decoder = Literal["auto", "decord", "torchcodec", "pyav"]
+Backend = Decoder  # the earlier name
+
+#: What ``decoder="auto"`` tries, in order.
+DECODERS: tuple[DecoderName, ...] = ("decord", "torchcodec", "pyav")
+DECODER_LABELS = {"decord": "decord", "torchcodec": "torchcodec", "pyav": "PyAV"}
+_PACKAGES = {"decord": "decord", "torchcodec": "torchcodec", "pyav": "av"}
+_INSTALL_HINTS = {
+    "decord": "`pip install decord` (wheels for x86_64 Linux only)",
+    "torchcodec": (
+        "`pip install torchcodec` at the version made for the installed torch (torch 2.13 -> torchcodec 0.13) and "
+        "FFmpeg 4-8 shared libraries (Debian: libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 "
+        "libswscale6 libswresample4)"
+    ),
+    "pyav": "`pip install av` (wheels with FFmpeg for every platform)",
+}
+
+#: The one logger of decoder choices (``genvis-shards`` shows it without ``-v``).
+decoder_logger = logging.getLogger("genvis.data.decoder")
 
 
 @dataclass(frozen=True)
@@ -80,19 +105,107 @@ class VideoInfo:
         return self.num_frames / self.fps if self.fps > 0 else 0.0
 
 
+class DecoderUnavailableError(ImportError):
+    """The decoder asked for (or, for ``auto``, every decoder) cannot be used here; the message names the package."""
+
+
 def has_decord() -> bool:
     """Whether ``decord`` is importable (x86_64 Linux wheels only)."""
-    return importlib.util.find_spec("decord") is not None
+    return decoder_problem("decord") is None
 
 
-def _resolve_backend(backend: Backend) -> Literal["decord", "pyav"]:
-    if backend not in ("auto", "decord", "pyav"):
-        raise ValueError(f"backend: expected 'auto', 'decord' or 'pyav', got {backend!r}")
-    if backend == "auto":
-        return "decord" if has_decord() else "pyav"
-    if backend == "decord" and not has_decord():
-        raise ImportError("backend='decord' needs the decord package (x86_64 Linux wheels); use backend='pyav'")
-    return backend
+# torchcodec failures to load (missing FFmpeg libraries, a wheel built for another torch), by sys.path: loading it
+# again costs a torch import and an FFmpeg search each time.
+_LOAD_FAILURES: dict[tuple[str, ...], str] = {}
+
+
+def decoder_problem(name: DecoderName) -> str | None:
+    """Why decoder ``name`` cannot be used on this machine (``"not installed"``, ``"does not load: ..."``), or None.
+
+    decord and PyAV are checked by finding the package (cheap, no import); torchcodec is imported, because an
+    installed torchcodec fails to load without FFmpeg's shared libraries or with a torch it was not built for.
+    """
+    package = _PACKAGES[name]
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return "not installed"
+    if name != "torchcodec":
+        return None
+    import sys
+
+    cache_key = tuple(sys.path)
+    if cache_key in _LOAD_FAILURES:
+        return _LOAD_FAILURES[cache_key]
+    try:
+        importlib.import_module("torchcodec.decoders")
+    except Exception as error:  # RuntimeError / OSError from the FFmpeg or torch library loader
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        _LOAD_FAILURES[cache_key] = f"installed but does not load ({type(error).__name__}: {first_line})"
+        return _LOAD_FAILURES[cache_key]
+    return None
+
+
+def available_decoders() -> list[DecoderName]:
+    """The decoders that work here, in ``auto`` order."""
+    return [name for name in DECODERS if decoder_problem(name) is None]
+
+
+def resolve_decoder(decoder: str = "auto") -> tuple[DecoderName, str]:
+    """The decoder to use and why: ``("decord", "auto: the default")``, ``("pyav", "auto: decord is not installed,
+    torchcodec is not installed")``, ``("torchcodec", "requested")``.
+
+    Raises:
+        ValueError: ``decoder`` is not one of ``auto``, ``decord``, ``torchcodec``, ``pyav``.
+        DecoderUnavailableError: the requested decoder (for ``auto``: every decoder) cannot be used; the message names
+            the missing package, how to install it and what is available instead.
+    """
+    if decoder not in ("auto", *DECODERS):
+        raise ValueError(f"decoder: expected one of 'auto', 'decord', 'torchcodec', 'pyav', got {decoder!r}")
+    if decoder != "auto":
+        problem = decoder_problem(decoder)
+        if problem is None:
+            return decoder, "requested"
+        others = [name for name in DECODERS if name != decoder and decoder_problem(name) is None]
+        raise DecoderUnavailableError(
+            f"decoder {decoder!r} was requested but the {_PACKAGES[decoder]!r} package is {problem}; install "
+            f"{_INSTALL_HINTS[decoder]}, or pick one that is available here: "
+            + (", ".join(repr(name) for name in others) if others else "none")
+            + " (or 'auto')"
+        )
+    skipped = []
+    for name in DECODERS:
+        problem = decoder_problem(name)
+        if problem is None:
+            return name, "auto: the default" if not skipped else "auto: " + ", ".join(skipped)
+        skipped.append(f"{name} is {problem}")
+    raise DecoderUnavailableError(
+        f"no video decoder: {', '.join(skipped)}; install one: {_INSTALL_HINTS['pyav']} or {_INSTALL_HINTS['decord']}"
+    )
+
+
+_LOGGED_CHOICES: set[tuple[str, str, str]] = set()
+
+
+def log_decoder_choice(where: str, decoder: str = "auto") -> DecoderName:
+    """Resolve ``decoder`` and log one INFO line on ``genvis.data.decoder`` naming the choice and why, e.g.
+    ``video loader: decoding videos with PyAV (auto: decord is not installed, torchcodec is not installed)``; once
+    per process for the same choice.
+
+    Args:
+        where: who decodes, e.g. ``"genvis-shards build: probes"`` or ``"video loader"``.
+        decoder: ``auto`` or a decoder name.
+
+    Raises:
+        DecoderUnavailableError: see ``resolve_decoder``.
+    """
+    name, why = resolve_decoder(decoder)
+    if (where, name, why) not in _LOGGED_CHOICES:
+        _LOGGED_CHOICES.add((where, name, why))
+        decoder_logger.info("%s: decoding videos with %s (%s)", where, DECODER_LABELS[name], why)
+    return name
 
 
 def _as_file(source: VideoSource) -> str | io.BytesIO:
@@ -112,12 +225,21 @@ def open_decord(source: VideoSource, num_threads: int = 1):
     return decord.VideoReader(_as_file(source), ctx=decord.cpu(0), num_threads=num_threads)
 
 
-def video_info(source: VideoSource, backend: Backend = "auto") -> VideoInfo:
+def video_info(source: VideoSource, decoder: Decoder = "auto") -> VideoInfo:
     """Frame count, fps and size of ``source`` without decoding every frame."""
-    if _resolve_backend(backend) == "decord":
+    name = resolve_decoder(decoder)[0]
+    if name == "decord":
         reader = open_decord(source)
         height, width = reader[0].shape[:2]
         return VideoInfo(len(reader), float(reader.get_avg_fps()), int(width), int(height))
+    if name == "torchcodec":
+        metadata = open_torchcodec(source).metadata
+        return VideoInfo(
+            int(metadata.num_frames or 0),
+            float(metadata.average_fps or 0.0),
+            int(metadata.width),
+            int(metadata.height),
+        )
     import av
 
     with av.open(_as_file(source)) as container:
@@ -132,18 +254,39 @@ def video_info(source: VideoSource, backend: Backend = "auto") -> VideoInfo:
         )
 
 
+def open_torchcodec(source: VideoSource, num_threads: int = 1):
+    """A ``torchcodec.decoders.VideoDecoder`` (exact seek mode: frame counts from a scan, as decord's) on a path, a
+    ``FileSlice`` (streamed through ``subfile``) or in-memory bytes."""
+    from torchcodec.decoders import VideoDecoder
+
+    target = _as_file(source)
+    if isinstance(target, io.BytesIO):
+        target = target.getvalue()
+    try:
+        return VideoDecoder(target, seek_mode="exact", num_ffmpeg_threads=num_threads, dimension_order="NHWC")
+    except (RuntimeError, ValueError) as error:
+        raise RuntimeError(f"torchcodec cannot open the video: {error}") from error
+
+
 def read_frames(
     source: VideoSource,
     indices: list[int] | np.ndarray | None = None,
-    backend: Backend = "auto",
+    decoder: Decoder = "auto",
     num_threads: int = 1,
 ) -> np.ndarray:
     """Decode frames ``indices`` (all frames when None) of ``source`` as a ``(T, H, W, 3)`` uint8 RGB array.
 
+    Args:
+        decoder: ``auto`` (decord, else torchcodec, else PyAV), or one of them by name.
+
     Raises:
         IndexError: an index is outside ``[0, num_frames)``.
+        DecoderUnavailableError: the requested decoder is not installed (the message names the package).
     """
-    if _resolve_backend(backend) == "decord":
+    name = resolve_decoder(decoder)[0]
+    if name == "torchcodec":
+        return _read_frames_torchcodec(source, indices, num_threads)
+    if name == "decord":
         reader = open_decord(source, num_threads=num_threads)
         total = len(reader)
         wanted = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -154,6 +297,22 @@ def read_frames(
         del reader
         return frames
     return _read_frames_pyav(source, indices)
+
+
+def _read_frames_torchcodec(
+    source: VideoSource, indices: list[int] | np.ndarray | None, num_threads: int
+) -> np.ndarray:
+    reader = open_torchcodec(source, num_threads=num_threads)
+    total = int(reader.metadata.num_frames or len(reader))
+    wanted = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64)
+    _check_indices(wanted, total)
+    if not wanted.size:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    try:
+        batch = reader.get_frames_at(wanted.tolist())
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise RuntimeError(f"torchcodec decode failed: {error}") from error
+    return batch.data.numpy()
 
 
 def _check_indices(indices: np.ndarray, total: int) -> None:

@@ -130,11 +130,13 @@ from data_pipelines.probe import probe_video
 
 def no_decord_probe(request):
     sys.modules["decord"] = None  # as on aarch64 / macOS, where decord has no wheels
+    sys.modules["torchcodec"] = None  # and no torchcodec: auto falls through to PyAV
     return probe_video(request)
 
 
 def no_decoder_probe(request):
     sys.modules["decord"] = None
+    sys.modules["torchcodec"] = None
     sys.modules["av"] = None
     return probe_video(request)
 """
@@ -153,7 +155,10 @@ def test_without_decord_pyav_probes_and_without_any_decoder_the_build_fails(
     assert _members(tmp_path / "pyav") == _members(tmp_path / "decord")
 
     out = tmp_path / "none"
-    with pytest.raises(BuildEnvironmentError, match="no video decoder: decord is not installed and PyAV"):
+    with pytest.raises(
+        BuildEnvironmentError,
+        match="no video decoder: decord is not installed, torchcodec is not installed, pyav is not installed",
+    ):
         build_shards(_config(csv_path, videos, out, probe_fn="decoder_hooks:no_decoder_probe"), progress=False)
     assert not (out / "manifest.json").exists()  # not a 0-sample dataset
     argv = ["build", "--no-progress", "--csv", str(csv_path), "--video-root", str(videos), "--out", str(out)]

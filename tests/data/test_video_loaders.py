@@ -55,8 +55,8 @@ def test_decord_and_pyav_agree_on_written_mp4() -> None:
     mp4 = encode_mp4(frames, fps=8)
     info = video_info(mp4)
     assert (info.num_frames, info.width, info.height, info.fps) == (9, 32, 32, 8.0)
-    decoded = read_frames(mp4, [0, 4, 8], backend="decord")
-    assert np.array_equal(decoded, read_frames(mp4, [0, 4, 8], backend="pyav"))
+    decoded = read_frames(mp4, [0, 4, 8], decoder="decord")
+    assert np.array_equal(decoded, read_frames(mp4, [0, 4, 8], decoder="pyav"))
     # crf 18 H.264 of flat shapes: close to the source (yuv420 chroma subsampling blurs edges a little).
     assert np.abs(decoded.astype(int) - frames[[0, 4, 8]]).mean() < 6
 
