@@ -17,26 +17,104 @@ Tests: tests/lavin/test_pipeline_lavin_dit.py.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.utils import BaseOutput
 
 from genvis.diffusion.in_context import decode_clips, encode_clips, vae_compression
 from genvis.diffusion.rectified_flow import DEFAULT_TIME_GRID, LAVIN_DIT_TIME_GRIDS, lavin_time_grid_sigmas
 from genvis.models.lavin_dit import LaVinDiTTransformer3DModel
 
-__all__ = ["ClipLike", "LaVinDiTPipeline", "LaVinDiTPipelineOutput"]
+__all__ = ["ClipLike", "GenvisPipelineMixin", "LaVinDiTPipeline", "LaVinDiTPipelineOutput"]
 
 # An image (PIL, or a (3, H, W) tensor in [-1, 1]) or a clip (a list of PIL frames, or a (3, T, H, W) tensor).
 ClipLike = PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+_LOADER_MODULE = '''"""Loader module written by genvis next to model_index.json; it holds no model code.
+
+diffusers runs it to find the pipeline class, for
+``DiffusionPipeline.from_pretrained(folder, custom_pipeline="{stem}", trust_remote_code=True)``.
+It only imports the installed genvis package: the pipeline class and the modules of the genvis components, so diffusers
+resolves their ``[module, class]`` entries in model_index.json.
+"""
+
+try:
+    import genvis
+except ImportError as err:
+    raise ImportError("this folder holds a genvis {cls}: loading it needs the genvis package (pip install genvis)") from err
+
+{imports}
+from {module} import {cls}
+
+__all__ = ["{cls}"]
+'''
+
+
+class GenvisPipelineMixin:
+    """What every genvis ``DiffusionPipeline`` writes and reads (docs/pipelines.md).
+
+    ``save_pretrained`` writes, next to ``model_index.json``, a loader module named after the pipeline's module
+    (``pipeline_lavin_dit.py`` / ``pipeline_mvdit.py``) that only imports from genvis. Components keep diffusers'
+    ``[library, class]`` entries (genvis components by their full module path). One folder then loads with
+
+    - the genvis class: ``LaVinDiTPipeline.from_pretrained(folder)`` (runs no code from the folder);
+    - diffusers: ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_lavin_dit",
+      trust_remote_code=True)``, with or without ``import genvis`` first, from a folder or a Hub repo (diffusers never
+      imports a module a folder names unless told to: a bare ``DiffusionPipeline.from_pretrained(folder)`` cannot
+      find a class outside diffusers);
+    - one component: ``<component class>.from_pretrained(folder, subfolder="<name>")``.
+
+    ``_class_name_as_list = True`` writes diffusers' custom-pipeline form ``"_class_name": ["<module file>",
+    "<class>"]`` instead, so ``trust_remote_code=True`` alone is enough; off while readers of model_index.json
+    (``serve/loading.py``) expect a string.
+    """
+
+    _class_name_as_list: bool = False
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """diffusers' ``model_index.json`` plus the loader module (see the class doc)."""
+        if push_to_hub:
+            raise ValueError(
+                f"{type(self).__name__}.save_config(push_to_hub=True) would upload model_index.json without the "
+                "weights and the loader module; push with save_pretrained(folder, push_to_hub=True)"
+            )
+        super().save_config(save_directory)
+        index_path = Path(save_directory) / self.config_name
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        cls = type(self)
+        stem = cls.__module__.rsplit(".", 1)[-1]  # pipeline_lavin_dit / pipeline_mvdit
+        if self._class_name_as_list:
+            index["_class_name"] = [stem, cls.__name__]
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        modules = sorted(
+            {entry[0] for entry in index.values() if isinstance(entry, list) and len(entry) == 2 and
+             isinstance(entry[0], str) and entry[0].startswith("genvis.")}
+        )  # fmt: skip
+        imports = "\n".join(f"import {module}  # a component's module" for module in modules)
+        loader = _LOADER_MODULE.format(stem=stem, cls=cls.__name__, module=cls.__module__, imports=imports)
+        (Path(save_directory) / f"{stem}.py").write_text(loader, encoding="utf-8")
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``; a ``[module file, class]`` pipeline name becomes the bare class name, so the
+        genvis class loads such a folder without running its loader module (that module is for diffusers)."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        if isinstance(name, (list, tuple)) and len(name) == 2:
+            config["_class_name"] = name[1]
+        return loaded
 
 
 @dataclass
@@ -52,7 +130,7 @@ class LaVinDiTPipelineOutput(BaseOutput):
     frames: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class LaVinDiTPipeline(DiffusionPipeline):
+class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
     """LaVin-DiT in-context generation pipeline.
 
     Args:
@@ -69,17 +147,6 @@ class LaVinDiTPipeline(DiffusionPipeline):
     ) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
-
-    def register_modules(self, **kwargs) -> None:
-        super().register_modules(**kwargs)
-        # genvis classes are recorded by their full module path so from_pretrained can import them
-        fixed = {}
-        for name, module in kwargs.items():
-            if module is not None and type(module).__module__.startswith("genvis."):
-                _, class_name = _fetch_class_library_tuple(module)
-                fixed[name] = (type(module).__module__, class_name)
-        if fixed:
-            self.register_to_config(**fixed)
 
     # ------------------------------------------------------------------------------------------------------------
     # inputs

@@ -32,6 +32,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from genvis.models.mvdit import MVDiTTransformer3DModel
+from genvis.pipelines.pipeline_lavin_dit import GenvisPipelineMixin
 from genvis.text.encoders import encode_prompts
 
 __all__ = [
@@ -259,7 +260,7 @@ def export_video(
 # Pipeline
 
 
-class MVDiTPipeline(DiffusionPipeline):
+class MVDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
     """Text-to-video with an MVDiT denoiser.
 
     Args:

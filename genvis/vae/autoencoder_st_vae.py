@@ -38,6 +38,7 @@ from diffusers import AutoencoderKLCogVideoX
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up in this module)
 from diffusers.models.upsampling import CogVideoXUpsample3D
 
 # Released ST-VAE latent statistics (LaVin-DiT inference.py): z_dit = (z - shift) * scale.
