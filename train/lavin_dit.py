@@ -67,7 +67,7 @@ class ModelConfig:
     rope_theta: float | None = None
     # genvis options for small budgets (README "Why the tiny model learns"); false / "velocity" = the official J-DiT
     query_skip: bool = True  # each target token also sees its query patch (zero-init linear)
-    query_skip_kernel: int = 1  # k > 1: the k x k query patches around it (odd)
+    query_skip_kernel: int = 3  # target tokens see the k x k query patches around them (odd; 1 = their own)
     context_summary: bool = True  # task vector from the context pairs, added to the timestep vector
     prediction_type: str = "query_residual"  # "velocity" (official) | "sample" | "query_residual"
     gradient_checkpointing: bool = False
@@ -100,7 +100,7 @@ class FlowConfig:
     l1_weight: float = 0.1
     context_dropout: float = 0.1  # unpublished; needed for the zero-frame CFG branch
     loss_weighting: str = "sample"  # the loss on the implied clean latents; "velocity": official
-    loss_normalization: str = "none"  # "copy": each sample's loss over its copy-the-query error (official: "none")
+    loss_normalization: str = "copy"  # "copy": each sample's loss over its copy-the-query error (official: "none")
 
 
 @dataclass
@@ -130,7 +130,8 @@ class LoggingConfig:
 @dataclass
 class SamplingConfig:
     every_steps: int = 500  # also at the end; 0 = only at the end
-    episodes_per_task: int = 3  # >= 2 for the query-reliance score
+    episodes_per_task: int = 3  # at the end; >= 2 for the query-reliance score
+    progress_episodes_per_task: int = 1  # at the periodic steps (the first of each task's episodes)
     num_pairs: int = 2
     time_grid: str | None = "lavin-20"  # official grids: lavin-20 | lavin-30 | lavin-40; null: uniform steps
     num_inference_steps: int | None = None  # uniform grid (only with time_grid: null)
@@ -307,28 +308,31 @@ def main() -> None:
                 "guidance_scale": cfg.sampling.guidance_scale, "seed": cfg.seed}  # fmt: skip
 
     def sample_and_log(step: int, final: bool = False) -> None:
-        if accelerator.is_main_process and eval_episodes:
+        per_task = cfg.sampling.episodes_per_task
+        keep = per_task if final else min(per_task, cfg.sampling.progress_episodes_per_task)
+        episodes = [ep for index, ep in enumerate(eval_episodes) if index % max(per_task, 1) < keep]
+        if accelerator.is_main_process and episodes:
             model.eval()
             with ema_weights(ema, accelerator.unwrap_model(model)):
                 pipe = make_pipeline()
-                scores, predictions = evaluate_in_context(pipe, eval_episodes, return_predictions=True, **sampling)
+                scores, predictions = evaluate_in_context(pipe, episodes, return_predictions=True, **sampling)
                 reliance = None
                 if final and cfg.sampling.reliance and len(tasks) >= 2:  # context needs 2 tasks
-                    reliance = evaluate_reliance(pipe, eval_episodes, predictions, **sampling)
+                    reliance = evaluate_reliance(pipe, episodes, predictions, **sampling)
             model.train()
-            rows = [episode_grid_row(ep, pred) for ep, pred in zip(eval_episodes, predictions)]
-            pairs = max(ep.num_pairs for ep in eval_episodes)
+            rows = [episode_grid_row(ep, pred) for ep, pred in zip(episodes, predictions)]
+            pairs = max(ep.num_pairs for ep in episodes)
             columns = [f"{kind} {i}" for i in range(1, pairs + 1) for kind in ("input", "target")]
             log_image_grid(accelerator, "in_context", rows, step, out, scale=max(1, 96 // cfg.data.size),
                            column_labels=[*columns, "query", "prediction", "truth"],
-                           row_labels=[ep.task for ep in eval_episodes])  # fmt: skip
+                           row_labels=[ep.task for ep in episodes])  # fmt: skip
             metrics = {}
             for task, s in scores.items():
                 metrics.update({f"eval/{task}/psnr": s.psnr, f"eval/{task}/psnr_copy": s.psnr_copy})
                 if s.iou is not None:
                     metrics.update({f"eval/{task}/iou": s.iou, f"eval/{task}/iou_copy": s.iou_copy})
             metrics["eval/tasks_beating_copy"] = sum(s.beats_copy for s in scores.values())
-            summary = {"step": step}
+            summary = {"step": step, "episodes": len(episodes)}
             if reliance is not None:
                 metrics.update(
                     {"eval/context_reliance": reliance.context_rate, "eval/query_reliance": reliance.query_rate}

@@ -289,9 +289,10 @@ def test_default_recipe_reads_its_context_and_its_query_at_a_small_budget(one_th
     torch.manual_seed(0)
     model = LaVinDiTTransformer3DModel(
         **TINY, query_skip=cfg.model.query_skip, context_summary=cfg.model.context_summary,
-        prediction_type=cfg.model.prediction_type,
+        prediction_type=cfg.model.prediction_type, query_skip_kernel=cfg.model.query_skip_kernel,
     )  # fmt: skip
-    flow = RectifiedFlow(context_dropout=cfg.flow.context_dropout, loss_weighting=cfg.flow.loss_weighting)
+    flow = RectifiedFlow(context_dropout=cfg.flow.context_dropout, loss_weighting=cfg.flow.loss_weighting,
+                         loss_normalization=cfg.flow.loss_normalization)  # fmt: skip
     _train(model, mixture.__getitem__, steps=300, lr=cfg.optim.lr, flow=flow)
     episodes = [sample_episode(t, 2, seed=10_000 + i, size=32, split="test") for t in tasks for i in range(3)]
     pipe = _pipeline(model)
