@@ -51,6 +51,7 @@ from data_pipelines.probe import (
     VideoLocation,
     open_video_stream,
 )
+from data_pipelines.rows import ROW_FORMATS, CsvSchemaError, RowFile, detect_row_format, open_rows
 from genvis.data.schema import (
     CAPTION_EXT,
     CSV_COLUMNS,
@@ -129,6 +130,8 @@ class BuildConfig:
         probe_fn: ``module:function`` probe run in the workers.
         num_workers: probe worker processes.
         limit: only consider the first ``limit`` CSV rows (None: all).
+        input_format: format of ``csv_path``: ``auto`` (from the extension: .csv, .tsv, .jsonl/.ndjson,
+            .parquet), or ``csv``, ``tsv``, ``jsonl``, ``parquet`` (see ``data_pipelines.rows``).
         decoder: ``auto`` (decord, else torchcodec, else PyAV) or one of them; a requested decoder that is not
             installed stops the build before any row is probed. Not part of the resume fingerprint (the decoders
             agree on frames, size and fps); the one used is recorded in the manifest.
@@ -151,6 +154,7 @@ class BuildConfig:
     num_workers: int = 2
     limit: int | None = None
     decoder: str = "auto"
+    input_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.shard_max_count < 1:
@@ -163,6 +167,8 @@ class BuildConfig:
                 raise ValueError(f"ranges: unknown field {name!r}, expected one of {sorted(known)}")
             if low is not None and high is not None and low > high:
                 raise ValueError(f"ranges[{name!r}]: min {low} is above max {high}")
+        if self.input_format not in ("auto", *ROW_FORMATS):
+            raise ValueError(f"input_format: expected one of {['auto', *ROW_FORMATS]}, got {self.input_format!r}")
         if self.decoder not in ("auto", *DECODERS):
             raise ValueError(f"decoder: expected one of {['auto', *DECODERS]}, got {self.decoder!r}")
         if self.probe_mode not in ("sparse", "full"):
@@ -174,6 +180,12 @@ class BuildConfig:
         for volatile in ("num_workers", "probe_timeout_s", "probe_fn", "out_dir", "decoder"):
             fields.pop(volatile)
         fields["ranges"] = {name: list(bounds) for name, bounds in sorted(self.ranges.items())}
+        # The row format changes how the file parses; a CSV build leaves it out, so builds made before there was a
+        # choice of format keep their fingerprint and still resume.
+        fields.pop("input_format")
+        row_format = detect_row_format(self.csv_path, self.input_format)
+        if row_format != "csv":
+            fields["input_format"] = row_format
         fields["csv_path"] = str(Path(self.csv_path).resolve())
         fields["video_root"] = str(Path(self.video_root).resolve())
         fields["csv_sha256"] = _sha256_file(Path(self.csv_path))
@@ -239,10 +251,6 @@ class BuildReport:
     @property
     def manifest_path(self) -> Path:
         return self.out_dir / MANIFEST_NAME
-
-
-class CsvSchemaError(ValueError):
-    """The CSV cannot be used at all (unreadable, or a required column is missing)."""
 
 
 class OutputConflictError(FileExistsError):
@@ -376,22 +384,17 @@ class _CsvLayout:
     extras: dict[str, int]
 
 
-def _read_layout(csv_path: Path, reader: Iterator[list[str]], config: BuildConfig) -> _CsvLayout:
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise CsvSchemaError(f"{csv_path}: empty file, expected an OpenVid-1M header line") from None
-    except csv.Error as error:
-        raise CsvSchemaError(f"{csv_path}:1: unreadable header ({error})") from error
+def _read_layout(rows: RowFile, config: BuildConfig) -> _CsvLayout:
+    header, csv_path = rows.header, rows.path
     columns = (*CSV_COLUMNS, ZIP_COLUMN, INNER_PATH_COLUMN)
     positions = resolve_columns(header, columns)
     missing = [column.header for column in CSV_COLUMNS if column.required and column.field not in positions]
     if missing:
         raise CsvSchemaError(
-            f"{csv_path}:1: missing required column(s) {missing}; expected OpenVid-1M header like "
+            f"{rows.where}: missing required column(s) {missing}; expected OpenVid-1M columns like "
             f"{[column.header for column in CSV_COLUMNS]}, got {header}"
         )
-    _check_filter_columns(config, positions, csv_path)
+    _check_filter_columns(config, positions, rows.where, _FORMAT_NOUNS[rows.format])
     known_positions = set(positions.values())
     return _CsvLayout(
         path=csv_path,
@@ -454,39 +457,31 @@ def _location_identity(location: VideoLocation) -> str:
 
 
 def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
-    """Parse and validate the CSV, locate every video and apply the CSV-stage filters.
+    """Parse and validate the row file (CSV, TSV, JSONL or parquet), locate every video and apply the CSV-stage
+    filters.
 
     A bad row (wrong field count, bad number, bytes that are not UTF-8, a NUL byte or an over-long file name, a
-    missing or non-regular file, a second row for the same file) is rejected with its line; the other rows go on.
+    JSONL line that is not a JSON object, a missing or non-regular file, a second row for the same file) is rejected
+    with its line (parquet: its row number); the other rows go on.
 
     Raises:
-        CsvSchemaError: the CSV is unreadable, empty, or lacks the ``video`` or ``caption`` column.
+        CsvSchemaError: the file is unreadable, empty, of an unknown format, or lacks the ``video`` or ``caption``
+            column.
     """
-    csv_path = Path(config.csv_path)
     resolver = _VideoResolver(Path(config.video_root))
     rows: list[CsvRow] = []
     rejected: list[Rejection] = []
-    if not csv_path.is_file():
-        raise CsvSchemaError(f"{csv_path}: CSV file not found")
-    # surrogateescape: a row with non-UTF-8 bytes is rejected by line instead of aborting the whole read.
-    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        reader = csv.reader(handle)
-        layout = _read_layout(csv_path, reader, config)
+    with open_rows(config.csv_path, config.input_format) as row_file:
+        layout = _read_layout(row_file, config)
         video_position = layout.positions["video"]
         seen: dict[str, int] = {}
         used_keys: set[str] = set()
         index = -1
-        while True:
-            line = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as error:
-                rejected.append(Rejection(line, "", "csv", f"unparseable CSV record: {error}"))
+        for record in row_file.records:
+            line, cells = record.line, record.cells
+            if cells is None:
+                rejected.append(Rejection(line, "", "csv", record.error or "unreadable row"))
                 continue
-            if not cells or all(not cell.strip() for cell in cells):
-                continue  # blank lines are not rows
             index += 1
             if config.limit is not None and index >= config.limit:
                 break
@@ -522,15 +517,18 @@ def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
     return rows, rejected
 
 
-def _check_filter_columns(config: BuildConfig, positions: dict[str, int], csv_path: Path) -> None:
+_FORMAT_NOUNS = {"csv": "CSV", "tsv": "TSV", "jsonl": "JSONL file", "parquet": "parquet file"}
+
+
+def _check_filter_columns(config: BuildConfig, positions: dict[str, int], where: str, noun: str) -> None:
     headers = {column.field: column.header for column in CSV_COLUMNS}
     for spec in RANGE_FILTERS:
         if spec.stage == "csv" and spec.field in config.ranges and spec.field not in positions:
             raise CsvSchemaError(
-                f"{csv_path}:1: --min/--max-{spec.name} filters column {headers[spec.field]!r}, which the CSV lacks"
+                f"{where}: --min/--max-{spec.name} filters column {headers[spec.field]!r}, which the {noun} lacks"
             )
     if (config.camera_motion or config.exclude_camera_motion) and "camera_motion" not in positions:
-        raise CsvSchemaError(f"{csv_path}:1: camera-motion filter needs column 'camera motion', which the CSV lacks")
+        raise CsvSchemaError(f"{where}: camera-motion filter needs column 'camera motion', which the {noun} lacks")
 
 
 def _range_reason(name: str, value: Any, bounds: tuple[float | None, float | None]) -> str | None:

@@ -22,11 +22,13 @@ from data_pipelines.build import (
     build_shards,
 )
 from data_pipelines.probe import DEFAULT_PROBE_FN
+from data_pipelines.rows import ROW_FORMATS
 from genvis.data.video import DECODERS, DecoderUnavailableError
 
 _EXAMPLES = """examples:
   genvis-shards build --csv OpenVid-1M.csv --video-root video/ --out shards/ --min-aesthetic 5 --max-count 1000
   genvis-shards build --csv mapping.csv --video-root zips/ --out shards/   # zip_file + video_path columns
+  genvis-shards build --rows OpenVid-1M.parquet --video-root video/ --out shards/   # or .tsv / .jsonl
   genvis-shards build --csv part0.csv --video-root OpenVid_part0.zip --out shards/ --max-size 1GB
   genvis-shards builtin --out data/builtin_shards
   genvis-shards verify shards/
@@ -125,6 +127,7 @@ def _config_from_args(args: argparse.Namespace, csv_path: str, video_root: str) 
         num_workers=args.workers,
         limit=args.limit,
         decoder=args.decoder,
+        input_format=getattr(args, "input_format", "auto"),
     )
 
 
@@ -150,7 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build.add_argument(
-        "--csv", required=True, help="OpenVid-1M style CSV (video, caption, scores, frame, fps, seconds)"
+        "--csv",
+        "--rows",
+        dest="csv",
+        required=True,
+        help="OpenVid-1M style rows (video, caption, scores, frame, fps, seconds): CSV, TSV, JSONL or parquet",
+    )
+    build.add_argument(
+        "--format",
+        dest="input_format",
+        choices=("auto", *ROW_FORMATS),
+        default="auto",
+        help="format of --csv/--rows: auto (default) from the extension (.csv, .tsv, .jsonl/.ndjson, .parquet)",
     )
     build.add_argument(
         "--video-root",
