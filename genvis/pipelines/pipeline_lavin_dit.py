@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
 from genvis.diffusion.in_context import decode_clips, encode_clips, vae_compression
@@ -105,6 +107,86 @@ class GenvisPipelineMixin:
         loader = _LOADER_MODULE.format(stem=stem, cls=cls.__name__, module=cls.__module__, imports=imports)
         (Path(save_directory) / f"{stem}.py").write_text(loader, encoding="utf-8")
 
+    # ------------------------------------------------------------------------------------------------------------
+    # offload (diffusers' methods, made to work with genvis components)
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' model offload. A component without parameters (``PixelUnshuffleAutoencoder``) has nothing to
+        offload and stays out of accelerate's hook chain (which reads the previous model's first parameter); it is
+        moved to the execution device instead."""
+        weightless = {
+            name for name, component in self.components.items()
+            if isinstance(component, torch.nn.Module) and next(component.parameters(), None) is None
+        }  # fmt: skip
+        cls = type(self)
+        self.model_cpu_offload_seq = "->".join(n for n in cls.model_cpu_offload_seq.split("->") if n not in weightless)
+        self._exclude_from_cpu_offload = [*cls._exclude_from_cpu_offload, *sorted(weightless)]
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """diffusers' sequential offload (weights stream to an accelerator layer by layer). A CPU execution device is
+        refused: accelerate's hooks cannot run on one (stock diffusers and transformers models fail the same way)."""
+        if device is not None and torch.device(device).type == "cpu":
+            raise ValueError(
+                f"enable_sequential_cpu_offload(device={str(device)!r}): sequential offload streams weights from the "
+                "CPU to an accelerator and accelerate cannot execute it on the CPU; pass an accelerator device "
+                "(e.g. 'cuda'), or use enable_model_cpu_offload / no offload on a CPU-only machine"
+            )
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # step callbacks and interruption (diffusers' callback_on_step_end contract)
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. from a step callback) to skip the remaining steps; the latents reached
+        so far are decoded as usual."""
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the last / running call."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """Guidance weight of the last / running call."""
+        return getattr(self, "_guidance_scale", None)
+
+    def _check_callback(self, callback, tensor_inputs: Sequence[str] | None) -> list[str]:
+        """The tensor names the callback gets; a ``PipelineCallback`` brings its own ``tensor_inputs``."""
+        if callback is None:
+            return []
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        elif not callable(callback):
+            raise ValueError(
+                f"callback_on_step_end must be callable(pipe, step, timestep, tensors) -> dict, got {type(callback)}"
+            )
+        names = list(tensor_inputs or [])
+        unknown = [name for name in names if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: {unknown} not among {type(self).__name__}'s "
+                f"{self._callback_tensor_inputs}"
+            )
+        return names
+
+    def _run_callback(self, callback, names: list[str], step: int, timestep, tensors: dict) -> dict:
+        """Call ``callback(self, step, timestep, {name: tensor})``; the tensors it returns replace the pipeline's."""
+        outputs = callback(self, step, timestep, {name: tensors[name] for name in names})
+        if outputs is None:
+            return tensors
+        if not isinstance(outputs, dict):
+            raise ValueError(f"callback_on_step_end must return a dict of tensors, got {type(outputs).__name__}")
+        unknown = [name for name in outputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end returned {unknown}, not among {type(self).__name__}'s "
+                f"{self._callback_tensor_inputs}"
+            )
+        return {**tensors, **outputs}
+
     @classmethod
     def load_config(cls, *args, **kwargs):
         """diffusers' ``load_config``; a ``[module file, class]`` pipeline name becomes the bare class name, so the
@@ -141,6 +223,7 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "vae->transformer"
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "condition", "uncondition"]
 
     def __init__(
         self, transformer: LaVinDiTTransformer3DModel, vae, scheduler: FlowMatchEulerDiscreteScheduler
@@ -256,6 +339,8 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
         sample_posterior: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> LaVinDiTPipelineOutput | tuple:
         """Generate the target of ``query`` for the task shown by ``context_pairs``.
 
@@ -277,7 +362,16 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
             sample_posterior: encode with a posterior sample (official) rather than its mean.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`LaVinDiTPipelineOutput` instead of a tuple.
+            callback_on_step_end: ``callback(pipe, step, timestep, tensors) -> dict`` after every step (or a diffusers
+                ``PipelineCallback``); ``tensors`` holds the names in ``callback_on_step_end_tensor_inputs`` and the
+                returned tensors replace them. Setting ``pipe._interrupt = True`` skips the remaining steps.
+            callback_on_step_end_tensor_inputs: names from ``["latents", "condition", "uncondition"]`` (default
+                ``["latents"]``): the target latents, and the condition streams of both CFG branches.
         """
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        tensor_names = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._guidance_scale, self._interrupt = guidance_scale, False
         self.check_inputs(
             context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width, time_grid, sigmas
         )
@@ -316,8 +410,11 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
                 sigmas = lavin_time_grid_sigmas(time_grid or DEFAULT_TIME_GRID)
             self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, timestep in enumerate(timesteps):
+                if self.interrupt:
+                    continue
                 sigma = float(self.scheduler.sigmas[i])
                 flow_time = torch.full((1,), 1.0 - sigma, device=device)  # LaVin time: 1 = data
                 velocity = self.transformer(latents.to(dtype), condition, flow_time).sample
@@ -326,6 +423,10 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
                     velocity = velocity_u + guidance_scale * (velocity - velocity_u)
                 # diffusers' flow velocity is noise - data: negate LaVin's data - noise
                 latents = self.scheduler.step(-velocity.float(), timestep, latents).prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "condition": condition, "uncondition": uncondition}
+                    tensors = self._run_callback(callback_on_step_end, tensor_names, i, timestep, tensors)
+                    latents, condition, uncondition = tensors["latents"], tensors["condition"], tensors["uncondition"]
                 progress.update()
 
         # 4. decode

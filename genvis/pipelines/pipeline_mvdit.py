@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -272,6 +274,7 @@ class MVDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "prompt_attention_mask"]
 
     def __init__(
         self,
@@ -438,6 +441,8 @@ class MVDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
         output_type: Literal["pil", "np", "pt", "latent"] = "pil",
         return_dict: bool = True,
         max_sequence_length: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> MVDiTPipelineOutput | tuple:
         """Generate videos from text.
 
@@ -459,7 +464,17 @@ class MVDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return :class:`MVDiTPipelineOutput` instead of a tuple.
             max_sequence_length: text tokens (default the transformer's ``max_text_length``).
+            callback_on_step_end: ``callback(pipe, step, timestep, tensors) -> dict`` after every step (or a diffusers
+                ``PipelineCallback``); ``tensors`` holds the names in ``callback_on_step_end_tensor_inputs`` and the
+                returned tensors replace them. Setting ``pipe._interrupt = True`` skips the remaining steps.
+            callback_on_step_end_tensor_inputs: names from ``["latents", "prompt_embeds", "prompt_attention_mask"]``
+                (default ``["latents"]``); the text tensors are those the transformer sees: conditional rows, then
+                (with guidance) the unconditional rows.
         """
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        tensor_names = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._guidance_scale, self._interrupt = guidance_scale, False
         config = self.transformer.config
         height = height if height is not None else config.sample_size * self.vae_scale_factor
         width = width if width is not None else config.sample_size * self.vae_scale_factor
@@ -524,7 +539,14 @@ class MVDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
             )
 
         # 3. denoising loop
-        for t in self.progress_bar(self.scheduler.timesteps):
+        # only stochastic samplers take a generator (DDPM, DDIM with eta, ...); Euler / flow-matching ones do not
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
+        self._num_timesteps = len(self.scheduler.timesteps)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             if hasattr(self.scheduler, "scale_model_input"):
                 model_input = self.scheduler.scale_model_input(model_input, t)
@@ -540,7 +562,16 @@ class MVDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
                 output = classifier_free_guidance(*output.chunk(2), guidance_scale, channels)
             if not keep_variance:
                 output = output[:, :channels]
-            latents = self.scheduler.step(output, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(output, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {
+                    "latents": latents,
+                    "prompt_embeds": prompt_embeds,
+                    "prompt_attention_mask": prompt_attention_mask,
+                }
+                tensors = self._run_callback(callback_on_step_end, tensor_names, i, t, tensors)
+                latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
+                prompt_attention_mask = tensors["prompt_attention_mask"]
 
         # 4. decode
         if output_type == "latent":

@@ -204,3 +204,91 @@ def test_guidance_below_one_blends_towards_the_unconditional_answer(pipe):
         w: _run(pipe, guidance_scale=w, num_inference_steps=1, output_type="latent").frames for w in (0.0, 0.5, 1.0)
     }
     torch.testing.assert_close(one[0.5], (one[0.0] + one[1.0]) / 2, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers pipeline features: CPU offload, step callbacks, interruption
+
+
+def _st_vae_pipe() -> LaVinDiTPipeline:
+    from genvis.vae import build_st_vae
+
+    torch.manual_seed(0)
+    transformer = LaVinDiTTransformer3DModel(in_channels=16, num_layers=1, num_attention_heads=2, num_kv_heads=1,
+                                             attention_head_dim=12)  # fmt: skip
+    pipe = LaVinDiTPipeline(_randomise(transformer), build_st_vae("tiny").eval(), FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("vae", ["pixel", "st_vae"])
+def test_model_cpu_offload_gives_the_same_answer(pipe, vae):
+    """enable_model_cpu_offload (accelerate hooks; the CPU stands in for the accelerator) changes no output; the
+    parameter-free pixel autoencoder stays out of the hook chain (it raised StopIteration there)."""
+    pipe = pipe if vae == "pixel" else _st_vae_pipe()
+    size = 16 if vae == "pixel" else 32
+    kwargs = {"context_pairs": [(_image(0, size), _image(1, size))], "query": _image(2, size), "output_type": "pt"}
+    expected = _run(pipe, **kwargs).frames
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert pipe._all_hooks and hasattr(pipe.transformer, "_hf_hook")
+    assert hasattr(pipe.vae, "_hf_hook") == (vae == "st_vae")
+    for _ in range(2):  # maybe_free_model_hooks re-arms the hooks after each call
+        torch.testing.assert_close(_run(pipe, **kwargs).frames, expected, rtol=0, atol=1e-6)
+    pipe.remove_all_hooks()
+
+
+def test_sequential_cpu_offload_on_the_cpu_is_a_clear_error(pipe):
+    with pytest.raises(ValueError, match=r"enable_sequential_cpu_offload\(device='cpu'\).*accelerator"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+
+
+def test_callback_on_step_end_sees_and_replaces_tensors(pipe):
+    seen = []
+
+    def record(pipeline, step, timestep, tensors):
+        assert pipeline is pipe and pipeline.num_timesteps == 3 and pipeline.guidance_scale == 1.5
+        seen.append((step, float(timestep), sorted(tensors), tensors["latents"].clone()))
+        return tensors
+
+    plain = _run(pipe, output_type="latent").frames
+    same = _run(pipe, output_type="latent", callback_on_step_end=record,
+                callback_on_step_end_tensor_inputs=["latents", "condition", "uncondition"]).frames  # fmt: skip
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == ["condition", "latents", "uncondition"]
+    torch.testing.assert_close(seen[-1][3], plain, rtol=0, atol=0)  # latents after each step
+
+    # a returned tensor replaces the pipeline's: zeroing the condition stream changes the answer
+    def zero_condition(pipeline, step, timestep, tensors):
+        return {"condition": torch.zeros_like(tensors["condition"])}
+
+    changed = _run(pipe, output_type="latent", callback_on_step_end=zero_condition,
+                   callback_on_step_end_tensor_inputs=["condition"]).frames  # fmt: skip
+    assert not torch.allclose(changed, plain)
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs: \['prompt_embeds'\] not among"):
+        _run(pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    with pytest.raises(ValueError, match="callback_on_step_end returned"):
+        _run(pipe, callback_on_step_end=lambda *args: {"noise": torch.zeros(1)})
+
+
+def test_pipeline_callback_objects_and_interrupt(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class StopAfter(PipelineCallback):
+        tensor_inputs = ["latents"]  # noqa: RUF012 (diffusers' attribute)
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == self.config.cutoff_step_index:
+                pipeline._interrupt = True
+            return callback_kwargs
+
+    calls = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    seen = []
+    out = _run(pipe, guidance_scale=1.0, output_type="latent", callback_on_step_end=StopAfter(cutoff_step_ratio=None, cutoff_step_index=0),
+               ).frames  # fmt: skip
+    assert len(calls) == 1 and pipe.interrupt  # steps 1 and 2 skipped
+    full = _run(pipe, guidance_scale=1.0, output_type="latent",
+                    callback_on_step_end=lambda p, i, t, k: seen.append(k["latents"].clone()) or k).frames  # fmt: skip
+    torch.testing.assert_close(out, seen[0], rtol=0, atol=0)  # the latents after step 0 are the answer
+    assert not pipe.interrupt and not torch.allclose(out, full)  # the next call starts afresh and runs every step

@@ -210,3 +210,76 @@ def test_export_video(tmp_path):
     assert read_frames(odd).shape == (3, 16, 18, 3)
     with pytest.raises(ValueError, match=r"\.mp4 or \.gif"):
         export_video(frames, tmp_path / "clip.avi")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers pipeline features: CPU offload, step callbacks, interruption, generator-free samplers
+
+
+@pytest.mark.parametrize("vae", ["image", "st_vae", "pixel"])
+def test_model_cpu_offload_gives_the_same_answer(vae):
+    """enable_model_cpu_offload (accelerate hooks; the CPU stands in for the accelerator) changes no output."""
+    from genvis.models import PixelUnshuffleAutoencoder
+
+    vaes = {"image": lambda: None, "st_vae": lambda: build_st_vae("tiny"), "pixel": PixelUnshuffleAutoencoder}
+    pipe = make_pipeline(vae=vaes[vae]())
+    frames = 1 if vae == "st_vae" else 2
+    expected = run(pipe, num_frames=frames, guidance_scale=3.0, output_type="pt")
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.transformer, "_hf_hook") and hasattr(pipe.text_encoder, "_hf_hook")
+    assert hasattr(pipe.vae, "_hf_hook") == (vae != "pixel")  # nothing to offload in the parameter-free autoencoder
+    for _ in range(2):
+        torch.testing.assert_close(run(pipe, num_frames=frames, guidance_scale=3.0, output_type="pt"), expected)
+    pipe.remove_all_hooks()
+
+
+def test_sequential_cpu_offload_on_the_cpu_is_a_clear_error(pipe):
+    with pytest.raises(ValueError, match=r"enable_sequential_cpu_offload\(device='cpu'\).*accelerator"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+
+
+def test_callback_on_step_end_and_interrupt(pipe):
+    seen = []
+
+    def record(pipeline, step, timestep, tensors):
+        assert pipeline.num_timesteps == 3 and pipeline.guidance_scale == 4.0
+        seen.append((step, {name: tuple(t.shape) for name, t in tensors.items()}, tensors["latents"].clone()))
+        return tensors
+
+    names = ["latents", "prompt_embeds", "prompt_attention_mask"]
+    plain = run(pipe, guidance_scale=4.0)
+    torch.testing.assert_close(
+        run(pipe, guidance_scale=4.0, callback_on_step_end=record, callback_on_step_end_tensor_inputs=names), plain
+    )
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert seen[0][1]["prompt_embeds"][0] == 4 and seen[0][1]["prompt_attention_mask"][0] == 4  # cond + uncond rows
+    torch.testing.assert_close(seen[-1][2], plain)
+
+    # returned tensors replace the pipeline's: zeroed text embeddings change the answer
+    def blank_text(pipeline, step, timestep, tensors):
+        return {"prompt_embeds": torch.zeros_like(tensors["prompt_embeds"])}
+
+    blank = run(pipe, guidance_scale=4.0, callback_on_step_end=blank_text,
+                callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+    assert not torch.allclose(blank, plain)
+
+    def stop(pipeline, step, timestep, tensors):
+        pipeline._interrupt = True
+        seen.append(tensors["latents"].clone())
+        return tensors
+
+    interrupted = run(pipe, guidance_scale=4.0, callback_on_step_end=stop)
+    torch.testing.assert_close(interrupted, seen[-1])  # the latents after step 0 are the answer
+    assert not torch.allclose(interrupted, plain)
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs: \['condition'\] not among"):
+        run(pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["condition"])
+
+
+def test_samplers_whose_step_takes_no_generator():
+    """UniPC / PNDM / Heun / LMS / DEIS take no generator= in step(); the pipeline passes it only where accepted."""
+    from diffusers import UniPCMultistepScheduler
+
+    ddpm = make_pipeline()
+    ddpm.scheduler = UniPCMultistepScheduler.from_config(ddpm.scheduler.config)
+    first, second = run(ddpm), run(ddpm)
+    assert first.shape == (2, 4, 3, 2, 2) and torch.isfinite(first).all() and torch.equal(first, second)
