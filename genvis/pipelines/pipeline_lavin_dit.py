@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from genvis.diffusion.in_context import decode_clips, encode_clips, vae_compression
 from genvis.diffusion.rectified_flow import DEFAULT_TIME_GRID, LAVIN_DIT_TIME_GRIDS, lavin_time_grid_sigmas
@@ -206,7 +207,8 @@ class LaVinDiTPipelineOutput(BaseOutput):
     Args:
         frames: the generated target: a list of ``T`` PIL images (``"pil"``; one for an image task), a ``(T, H, W, 3)``
             float array in [0, 1] (``"np"``), a ``(T, 3, H, W)`` tensor in [0, 1] (``"pt"``), or the normalised
-            latents ``(1, C, t, h, w)`` (``"latent"``).
+            latents ``(1, C, t, h, w)`` (``"latent"``). With ``num_images_per_prompt = B > 1``: ``B`` lists of frames,
+            ``(B, T, H, W, 3)``, ``(B, T, 3, H, W)`` and ``(B, C, t, h, w)``.
     """
 
     frames: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -334,9 +336,10 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
         width: int | None = None,
         sigmas: list[float] | None = None,
         time_grid: str | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         sample_posterior: bool = True,
+        num_images_per_prompt: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -357,9 +360,13 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
             sigmas: explicit diffusers sigmas (1 = noise, the final 0 is appended by the scheduler).
             time_grid: an official grid by name: ``"lavin-20"`` (the default when none of ``num_inference_steps``,
                 ``time_grid`` and ``sigmas`` is given), ``"lavin-30"`` or ``"lavin-40"``.
-            generator: RNG for the initial noise and the VAE posterior samples.
-            latents: initial noise ``(1, C, t, h, w)`` instead of drawing it.
+            generator: RNG for the VAE posterior samples and the initial noise; a list gives one generator per
+                sample (``num_images_per_prompt`` of them), and sample ``i`` then equals a one-sample call with
+                ``generator[i]``. One generator draws one set of posterior samples shared by all samples.
+            latents: initial noise ``(num_images_per_prompt, C, t, h, w)`` instead of drawing it.
             sample_posterior: encode with a posterior sample (official) rather than its mean.
+            num_images_per_prompt: answers to draw for the query (one batch through the transformer). With more
+                than one, every output below gains a leading sample axis (``"pil"``: one list of frames per sample).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`LaVinDiTPipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step, timestep, tensors) -> dict`` after every step (or a diffusers
@@ -381,14 +388,24 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
         self.check_inputs(
             context_pairs, query, guidance_scale, num_inference_steps, output_type, height, width, time_grid, sigmas
         )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        batch = num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(
+                f"generator: a list needs one generator per sample, got {len(generator)} for "
+                f"num_images_per_prompt={batch}"
+            )
         device, dtype = self._execution_device, self.transformer.dtype
 
         # 1. encode every clip independently; condition stream = pairs then query along latent time
         clips = [self.preprocess(item, height, width) for pair in context_pairs for item in pair]
         clips.append(self.preprocess(query, height, width))
-        encoded = self.encode_clips(clips, generator, sample_posterior)
-        query_latents = encoded[-1][None]  # (1, C, t_q, h, w)
-        condition = torch.cat(encoded, dim=1)[None].to(dtype)  # (1, C, T_c, h, w)
+        per_sample = generator if isinstance(generator, list) else [generator]  # a draw per generator
+        encoded = [self.encode_clips(clips, g, sample_posterior) for g in per_sample]
+        copies = batch // len(encoded)  # one generator: its draw serves every sample
+        query_latents = torch.stack([e[-1] for e in encoded]).repeat(copies, 1, 1, 1, 1)  # (B, C, t_q, h, w)
+        condition = torch.stack([torch.cat(e, dim=1) for e in encoded]).repeat(copies, 1, 1, 1, 1).to(dtype)
         # unconditional branch: one all-zero latent frame, then the query
         uncondition = torch.cat([torch.zeros_like(query_latents[:, :, :1]), query_latents], dim=2).to(dtype)
         do_cfg = guidance_scale != 1.0  # the official blend for any w; w = 1 is exactly the conditional velocity
@@ -396,8 +413,7 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
         # 2. noise for the target (as many latent frames as the query)
         shape = tuple(query_latents.shape)
         if latents is None:
-            noise_device = generator.device if generator is not None else device
-            latents = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=torch.float32)
@@ -416,7 +432,7 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
                 if self.interrupt:
                     continue
                 sigma = float(self.scheduler.sigmas[i])
-                flow_time = torch.full((1,), 1.0 - sigma, device=device)  # LaVin time: 1 = data
+                flow_time = torch.full((batch,), 1.0 - sigma, device=device)  # LaVin time: 1 = data
                 velocity = self.transformer(latents.to(dtype), condition, flow_time).sample
                 if do_cfg:
                     velocity_u = self.transformer(latents.to(dtype), uncondition, flow_time).sample
@@ -433,13 +449,14 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
         if output_type == "latent":
             frames = latents
         else:
-            pixels = self.decode_latents(latents)[0]  # (3, T, H, W) in [-1, 1]
-            unit = (pixels + 1) / 2
+            unit = (self.decode_latents(latents) + 1) / 2  # (B, 3, T, H, W) in [0, 1]
             if output_type == "pt":
-                frames = unit.transpose(0, 1).cpu()  # (T, 3, H, W)
+                frames = unit.transpose(1, 2).cpu()  # (B, T, 3, H, W)
             else:
-                array = unit.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
-                frames = array if output_type == "np" else self.numpy_to_pil(array)
+                frames = unit.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
+                if output_type == "pil":
+                    frames = [self.numpy_to_pil(array) for array in frames]
+            frames = frames[0] if batch == 1 else frames
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)

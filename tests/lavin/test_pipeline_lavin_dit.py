@@ -292,3 +292,29 @@ def test_pipeline_callback_objects_and_interrupt(pipe):
                     callback_on_step_end=lambda p, i, t, k: seen.append(k["latents"].clone()) or k).frames  # fmt: skip
     torch.testing.assert_close(out, seen[0], rtol=0, atol=0)  # the latents after step 0 are the answer
     assert not pipe.interrupt and not torch.allclose(out, full)  # the next call starts afresh and runs every step
+
+
+@pytest.mark.parametrize("vae", ["pixel", "st_vae"])
+def test_generator_lists_and_num_images_per_prompt(pipe, vae):
+    """A list of generators gives one sample each; sample i equals the one-sample call with generator i."""
+    pipe = pipe if vae == "pixel" else _st_vae_pipe()
+    size = 16 if vae == "pixel" else 32
+    kwargs = {"context_pairs": [(_image(0, size), _image(1, size))], "query": _image(2, size), "output_type": "pt"}
+    singles = [_run(pipe, generator=torch.Generator().manual_seed(s), **kwargs).frames for s in (3, 4)]
+    batch = _run(pipe, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], num_images_per_prompt=2,
+                 **kwargs).frames  # fmt: skip
+    assert batch.shape == (2, *singles[0].shape)
+    for i in range(2):
+        torch.testing.assert_close(batch[i], singles[i], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1])
+    # one generator: one draw of noise for both samples (different answers), a list of one = the generator itself
+    shared = _run(pipe, num_images_per_prompt=2, **kwargs).frames
+    assert shared.shape == batch.shape and not torch.allclose(shared[0], shared[1])
+    torch.testing.assert_close(_run(pipe, generator=[torch.Generator().manual_seed(0)], **kwargs).frames,
+                               _run(pipe, **kwargs).frames, rtol=0, atol=0)  # fmt: skip
+    pil = _run(pipe, num_images_per_prompt=2, **{**kwargs, "output_type": "pil"}).frames
+    assert len(pil) == 2 and len(pil[0]) == 1 and isinstance(pil[0][0], PIL.Image.Image)
+    with pytest.raises(ValueError, match="generator: a list needs one generator per sample, got 1 for"):
+        _run(pipe, generator=[torch.Generator()], num_images_per_prompt=2)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive int, got 0"):
+        _run(pipe, num_images_per_prompt=0)
