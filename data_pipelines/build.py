@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from data_pipelines import remote
 from data_pipelines.probe import (
     DEFAULT_PROBE_FN,
     DecoderMissingError,
@@ -114,8 +115,9 @@ class BuildConfig:
     """Everything that determines the shards; stored in the journal and manifest so a resume can check it.
 
     Args:
-        csv_path: OpenVid-style CSV.
-        video_root: flat video folder, a folder of zip archives (zip layout) or one zip archive.
+        csv_path: OpenVid-style rows (CSV, TSV, JSONL or parquet): a path or an fsspec URL.
+        video_root: flat video folder (a path or an fsspec URL), a local folder of zip archives (zip layout) or one
+            local zip archive.
         out_dir: output folder for shards, manifest and journal.
         shard_max_count: samples per shard at most.
         shard_max_bytes: bytes per shard at most (None: count only); a single larger sample still gets a shard.
@@ -186,9 +188,9 @@ class BuildConfig:
         row_format = detect_row_format(self.csv_path, self.input_format)
         if row_format != "csv":
             fields["input_format"] = row_format
-        fields["csv_path"] = str(Path(self.csv_path).resolve())
-        fields["video_root"] = str(Path(self.video_root).resolve())
-        fields["csv_sha256"] = _sha256_file(Path(self.csv_path))
+        fields["csv_path"] = _resolved(self.csv_path)
+        fields["video_root"] = _resolved(self.video_root)
+        fields["csv_sha256"] = _sha256_file(self.csv_path)
         return fields
 
 
@@ -261,9 +263,16 @@ class BuildEnvironmentError(RuntimeError):
     """Probing failed for a reason of this machine (no decoder), not of the videos; no row was rejected for it."""
 
 
-def _sha256_file(path: Path) -> str:
+def _resolved(path: str) -> str:
+    """A URL as given, a local path made absolute (symlinks resolved)."""
+    return path if remote.is_url(path) else str(Path(remote.local_path(path)).resolve())
+
+
+def _sha256_file(path: str | Path) -> str:
+    """sha256 of a local file or a URL, streamed."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    handle, _ = remote.open_binary(str(path))
+    with handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -326,9 +335,35 @@ def _file_kind(mode: int) -> str:
 class _VideoResolver:
     """Maps a CSV row to a ``VideoLocation`` in the flat layout or the zip + inner-path layout."""
 
-    def __init__(self, video_root: Path) -> None:
-        self.root = video_root
+    def __init__(self, video_root: str) -> None:
+        self.url = video_root if remote.is_url(video_root) else None
+        self.root = Path(remote.local_path(video_root))
         self._zip_index: dict[str, dict[str, str]] = {}
+        if self.url is not None:
+            remote.filesystem(self.url)  # a missing protocol package stops the build here, not every row
+
+    def _locate_url(self, video: str, zip_file: str | None) -> VideoLocation:
+        """A video under a URL ``--video-root`` (flat layout only)."""
+        assert self.url is not None
+        if zip_file or self.url.lower().endswith(".zip"):
+            raise BadRowError(
+                f"zip layout needs a local --video-root, got the URL {self.url}; copy the zips or unpack them there"
+            )
+        parts = video.replace("\\", "/").split("/")
+        if ".." in parts or video.startswith("/"):
+            raise BadRowError(f"column 'video': path {video!r} escapes --video-root {self.url}")
+        url = remote.join(self.url, video)
+        try:
+            found = remote.kind(url)
+        except remote.RemoteInputError:
+            raise
+        except Exception as error:  # a network or permission error of this URL: the row's problem, named
+            raise BadRowError(f"cannot stat video {url}: {type(error).__name__}: {error}") from None
+        if found is None:
+            raise FileNotFoundError(f"video file not found: {url}")
+        if found != "file":
+            raise BadRowError(f"video path {url} is a {found}, expected a regular video file")
+        return VideoLocation(url)
 
     def _members(self, archive: Path) -> dict[str, str]:
         """Every member of ``archive`` under its full inner path and under its basename."""
@@ -347,6 +382,8 @@ class _VideoResolver:
         _check_video_name(video, "video")
         if zip_file:
             _check_video_name(zip_file, "zip_file")
+        if self.url is not None:
+            return self._locate_url(video, zip_file)
         if zip_file or self.root.suffix.lower() == ".zip":
             archive = self.root / zip_file if zip_file else self.root
             if not archive.is_file():
@@ -374,9 +411,9 @@ class _VideoResolver:
 
 @dataclass
 class _CsvLayout:
-    """Where each known column sits in a CSV and how its cells parse."""
+    """Where each known column sits in a row file and how its cells parse."""
 
-    path: Path
+    name: str
     header: list[str]
     positions: dict[str, int]
     kinds: dict[str, str]
@@ -385,7 +422,7 @@ class _CsvLayout:
 
 
 def _read_layout(rows: RowFile, config: BuildConfig) -> _CsvLayout:
-    header, csv_path = rows.header, rows.path
+    header = rows.header
     columns = (*CSV_COLUMNS, ZIP_COLUMN, INNER_PATH_COLUMN)
     positions = resolve_columns(header, columns)
     missing = [column.header for column in CSV_COLUMNS if column.required and column.field not in positions]
@@ -397,7 +434,7 @@ def _read_layout(rows: RowFile, config: BuildConfig) -> _CsvLayout:
     _check_filter_columns(config, positions, rows.where, _FORMAT_NOUNS[rows.format])
     known_positions = set(positions.values())
     return _CsvLayout(
-        path=csv_path,
+        name=rows.name,
         header=header,
         positions=positions,
         kinds={column.field: column.kind for column in columns},
@@ -430,7 +467,7 @@ def _undecodable_cell(cells: list[str], layout: _CsvLayout) -> str | None:
 def _parse_row(cells: list[str], layout: _CsvLayout) -> dict[str, Any]:
     """Typed values of a row under schema field names (plus extra columns); raises BadRowError."""
     if len(cells) != len(layout.header):
-        raise BadRowError(f"expected {len(layout.header)} fields (header of {layout.path.name}), got {len(cells)}")
+        raise BadRowError(f"expected {len(layout.header)} fields (header of {layout.name}), got {len(cells)}")
     problem = _undecodable_cell(cells, layout)
     if problem:
         raise BadRowError(problem)
@@ -452,6 +489,8 @@ def _parse_row(cells: list[str], layout: _CsvLayout) -> dict[str, Any]:
 
 def _location_identity(location: VideoLocation) -> str:
     """The same string for every spelling of one file (``./a.mp4``, ``a.mp4``, a symlink to it)."""
+    if remote.is_url(location.path):
+        return location.path
     path = os.path.realpath(location.path)
     return f"{path}::{location.member}" if location.member else path
 
@@ -468,7 +507,7 @@ def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
         CsvSchemaError: the file is unreadable, empty, of an unknown format, or lacks the ``video`` or ``caption``
             column.
     """
-    resolver = _VideoResolver(Path(config.video_root))
+    resolver = _VideoResolver(config.video_root)
     rows: list[CsvRow] = []
     rejected: list[Rejection] = []
     with open_rows(config.csv_path, config.input_format) as row_file:

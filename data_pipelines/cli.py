@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows",
         dest="csv",
         required=True,
-        help="OpenVid-1M style rows (video, caption, scores, frame, fps, seconds): CSV, TSV, JSONL or parquet",
+        help="OpenVid-1M style rows (video, caption, scores, frame, fps, seconds): CSV, TSV, JSONL or parquet; "
+        "a path or an fsspec URL (http(s)://, s3://, gs://, memory://)",
     )
     build.add_argument(
         "--format",
@@ -169,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--video-root",
         required=True,
-        help="flat folder of the CSV's videos; or a folder of zips (CSV has zip_file [+ video_path]); or one .zip",
+        help="flat folder of the CSV's videos (a path or an fsspec URL); or a local folder of zips (CSV has "
+        "zip_file [+ video_path]); or one local .zip",
     )
     build.add_argument("--out", required=True, help="output folder for shards, manifest.json and rejected.csv")
     _add_build_options(build)

@@ -1,6 +1,8 @@
 """Probe videos with decord, torchcodec or PyAV (``--decoder``, default ``auto``: the first of them installed) in
 worker subprocesses, each under a timeout.
 
+A video may be a local file, a zip member or an fsspec URL (``data_pipelines.remote``: copied to a temporary file).
+
 Videos are decoded where they lie (a path, a stored zip member as a byte range, a compressed member unpacked to a
 temporary file): a probe's memory does not grow with the file size.
 
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
+from data_pipelines import remote
 from genvis.data.video import (
     Decoder,
     DecoderName,
@@ -82,10 +85,10 @@ def _stored_member_slice(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Fil
 
 
 def open_video_stream(location: VideoLocation) -> tuple[BinaryIO, int]:
-    """A binary stream of the video and its size in bytes (read it in chunks; the caller closes it)."""
+    """A binary stream of the video and its size in bytes (read it in chunks; the caller closes it). A URL is
+    streamed through fsspec."""
     if location.member is None:
-        handle = open(location.path, "rb")  # noqa: SIM115 (returned to the caller, who closes it)
-        return handle, os.fstat(handle.fileno()).st_size
+        return remote.open_binary(location.path)
     archive = _archive(location.path)
     return archive.open(location.member), archive.getinfo(location.member).file_size
 
@@ -93,7 +96,16 @@ def open_video_stream(location: VideoLocation) -> tuple[BinaryIO, int]:
 @contextlib.contextmanager
 def decodable_source(location: VideoLocation) -> Iterator[VideoSource]:
     """A source decoders read in place: the file's path, a stored zip member's ``FileSlice``, or (for a compressed
-    member) a temporary file it is unpacked into chunk by chunk. Never the whole video in memory."""
+    member or a URL) a temporary file it is copied into chunk by chunk. Never the whole video in memory."""
+    if location.member is None and remote.is_url(location.path):
+        suffix = os.path.splitext(location.path.rsplit("/", 1)[-1])[1]
+        with tempfile.NamedTemporaryFile(prefix="genvis-probe-", suffix=suffix) as scratch:
+            stream, _ = remote.open_binary(location.path)
+            with stream:
+                shutil.copyfileobj(stream, scratch, 1 << 20)
+            scratch.flush()
+            yield scratch.name
+        return
     if location.member is None:
         yield location.path
         return

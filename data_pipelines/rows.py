@@ -11,7 +11,8 @@ its line while the build goes on.
   does not grow with the file); ``line`` is the 1-based row number.
 
 Values become cells as text: null is empty, numbers as written (NaN is a missing value, as in the CSV), nested
-objects/lists as JSON. The format comes from the extension; ``--format`` overrides it.
+objects/lists as JSON. The format comes from the extension; ``--format`` overrides it. The file may be an fsspec URL
+(``data_pipelines.remote``); it is streamed, never read whole.
 Checked by ``tests/data/test_row_formats.py``.
 """
 
@@ -19,12 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from data_pipelines import remote
 
 ROW_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 FORMAT_BY_EXTENSION = {
@@ -57,18 +62,29 @@ class RowFile:
     """An open row file.
 
     Args:
-        path: the file.
+        path: the file's path or URL.
         format: ``csv``, ``tsv``, ``jsonl`` or ``parquet``.
         header: column names, in cell order.
         where: prefix naming the header in messages (``file:1`` for CSV/TSV, the file for JSONL/parquet).
         records: the rows, blank lines skipped.
     """
 
-    path: Path
+    path: str
     format: str
     header: list[str]
     where: str
     records: Iterator[RowRecord]
+
+    @property
+    def name(self) -> str:
+        """The file's base name."""
+        return _base_name(self.path)
+
+
+def _base_name(path: str) -> str:
+    if remote.is_url(path):
+        return PurePosixPath(urllib.parse.urlsplit(path).path).name
+    return Path(remote.local_path(path)).name
 
 
 def detect_row_format(path: str | Path, requested: str = "auto") -> str:
@@ -81,7 +97,7 @@ def detect_row_format(path: str | Path, requested: str = "auto") -> str:
         if requested not in ROW_FORMATS:
             raise CsvSchemaError(f"row format: expected one of {['auto', *ROW_FORMATS]}, got {requested!r}")
         return requested
-    suffix = Path(path).suffix.lower()
+    suffix = PurePosixPath(_base_name(str(path))).suffix.lower()
     if suffix in FORMAT_BY_EXTENSION:
         return FORMAT_BY_EXTENSION[suffix]
     raise CsvSchemaError(
@@ -118,9 +134,18 @@ def open_rows(path: str | Path, requested: str = "auto") -> Iterator[RowFile]:
         CsvSchemaError: not found, unknown format, empty (CSV/TSV), unreadable header, not a parquet file, or
             parquet without ``pyarrow``.
     """
-    path = Path(path)
+    path = str(path)
     row_format = detect_row_format(path, requested)
-    if not path.is_file():
+    if remote.is_url(path):
+        try:
+            found = remote.kind(path)
+        except remote.RemoteInputError as error:
+            raise CsvSchemaError(str(error)) from error
+        if found != "file":
+            raise CsvSchemaError(
+                f"{path}: {row_format.upper()} row file " + ("not found" if found is None else f"is a {found}")
+            )
+    elif not Path(remote.local_path(path)).is_file():
         raise CsvSchemaError(f"{path}: {row_format.upper()} row file not found")
     if row_format in ("csv", "tsv"):
         with _delimited(path, row_format) as rows:
@@ -131,10 +156,16 @@ def open_rows(path: str | Path, requested: str = "auto") -> Iterator[RowFile]:
         yield _parquet(path)
 
 
+def _open_text(path: str) -> io.TextIOWrapper:
+    """The file as text, streamed (surrogateescape: a row with non-UTF-8 bytes is rejected by line instead of
+    aborting the whole read)."""
+    binary, _ = remote.open_binary(path)
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
 @contextlib.contextmanager
-def _delimited(path: Path, row_format: str) -> Iterator[RowFile]:
-    # surrogateescape: a row with non-UTF-8 bytes is rejected by line instead of aborting the whole read.
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+def _delimited(path: str, row_format: str) -> Iterator[RowFile]:
+    with _open_text(path) as handle:
         reader = csv.reader(handle, delimiter="\t" if row_format == "tsv" else ",")
         try:
             header = next(reader)
@@ -169,9 +200,9 @@ def _jsonl_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
     return value, None
 
 
-def _jsonl(path: Path) -> RowFile:
+def _jsonl(path: str) -> RowFile:
     keys: dict[str, None] = {}
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
+    with _open_text(path) as handle:
         for text in handle:  # first pass: the columns are every key seen, in first-seen order
             if text.strip():
                 value, _ = _jsonl_object(text)
@@ -179,7 +210,7 @@ def _jsonl(path: Path) -> RowFile:
     header = list(keys)
 
     def records() -> Iterator[RowRecord]:
-        with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
+        with _open_text(path) as handle:
             for line, text in enumerate(handle, start=1):
                 if not text.strip():
                     continue
@@ -192,7 +223,7 @@ def _jsonl(path: Path) -> RowFile:
     return RowFile(path, "jsonl", header, f"{path} (keys of all rows)", records())
 
 
-def _parquet(path: Path) -> RowFile:
+def _parquet(path: str) -> RowFile:
     try:
         import pyarrow
         import pyarrow.parquet as pq
@@ -202,7 +233,8 @@ def _parquet(path: Path) -> RowFile:
             "install it with `pip install pyarrow`, or convert the rows to CSV / JSONL"
         ) from error
     try:
-        table = pq.ParquetFile(path)
+        source = remote.open_binary(path, sequential=False)[0] if remote.is_url(path) else remote.local_path(path)
+        table = pq.ParquetFile(source)
     except (pyarrow.ArrowException, OSError) as error:
         raise CsvSchemaError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from error
     header = list(table.schema_arrow.names)
