@@ -211,6 +211,10 @@ class MVDiTTransformer3DModel(ModelMixin, ConfigMixin):
         time_scale: frame indices are divided by this in the temporal embedding.
         freq_dim: sinusoidal width of the timestep embedding.
         norm_eps: LayerNorm epsilon.
+        frame_embedding: genvis option, off in the paper's model: every video token also gets its frame's sin-cos
+            time embedding through a zero-initialised linear, so the per-frame streams (MMSA, MHCA, FFN) know which
+            frame they are in; in the paper's model only block 0's temporal attention input sees the frame index.
+            At initialisation the output is the paper model's.
     """
 
     _supports_gradient_checkpointing = True
@@ -234,6 +238,7 @@ class MVDiTTransformer3DModel(ModelMixin, ConfigMixin):
         time_scale: float = 1.0,
         freq_dim: int = 256,
         norm_eps: float = 1e-6,
+        frame_embedding: bool = False,
     ) -> None:
         super().__init__()
         patch_size = tuple(patch_size)
@@ -271,6 +276,7 @@ class MVDiTTransformer3DModel(ModelMixin, ConfigMixin):
 
         # embeddings: patches, timestep (sinusoidal -> MLP), adaLN-single projections, caption projection
         self.patch_embed = PatchEmbed(in_channels, dim, patch_size)
+        self.frame_embedder: nn.Linear | None = None  # genvis option, made after the paper's init (below)
         self.time_proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(freq_dim, dim)
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -300,6 +306,11 @@ class MVDiTTransformer3DModel(ModelMixin, ConfigMixin):
         self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
         self.proj_out = nn.Linear(dim, math.prod(patch_size) * self.out_channels)
         self.initialize_weights()
+        if frame_embedding:  # drawing no random numbers: a same-seed model has the paper model's weights
+            with torch.random.fork_rng(devices=[]):
+                self.frame_embedder = nn.Linear(dim, dim)
+            nn.init.zeros_(self.frame_embedder.weight)
+            nn.init.zeros_(self.frame_embedder.bias)
 
     def initialize_weights(self) -> None:
         """Every init rule in one place (PixArt-alpha / OpenVid)."""
@@ -348,6 +359,9 @@ class MVDiTTransformer3DModel(ModelMixin, ConfigMixin):
         # zero output head: the first prediction is 0 everywhere (DiT), a stable start for any objective
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        if self.frame_embedder is not None:  # genvis option: zero, so the model starts as the paper's
+            nn.init.zeros_(self.frame_embedder.weight)
+            nn.init.zeros_(self.frame_embedder.bias)
         # null caption ~ N(0, 1) / sqrt(text_embed_dim): the scale of a typical normalised text feature (1/64 for T5-XXL)
         generator = torch.Generator().manual_seed(0)
         null = torch.randn(self.null_text_embedding.shape, generator=generator) / self.config.text_embed_dim**0.5
@@ -473,6 +487,8 @@ class MVDiTTransformer3DModel(ModelMixin, ConfigMixin):
             video_keys = torch.ones(B * T, S, dtype=torch.bool, device=text_mask.device)
             frame_mask = torch.cat([video_keys, text_mask], dim=1)  # (B*T, S+L)
         temporal_embedding = _sincos_time_embedding(T, D, self.config.time_scale, tokens.device)  # (T, D)
+        if self.frame_embedder is not None:
+            tokens = tokens + self.frame_embedder(temporal_embedding.to(dtype))[None, :, None, :]
 
         # 4. blocks
         for index, block in enumerate(self.blocks):

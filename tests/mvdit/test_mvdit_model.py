@@ -206,3 +206,33 @@ def test_every_init_argument_is_documented():
         for name in inspect.signature(cls.__init__).parameters:
             if name != "self":
                 assert f"{name}:" in doc, f"{cls.__name__} does not document {name}"
+
+
+def test_frame_embedding_starts_as_the_paper_model_and_makes_frames_distinguishable(tmp_path):
+    torch.manual_seed(0)
+    paper = tiny_model()
+    torch.manual_seed(0)
+    ours = tiny_model(frame_embedding=True)
+    extra = {"frame_embedder.weight", "frame_embedder.bias"}
+    assert set(ours.state_dict()) == set(paper.state_dict()) | extra
+    for key, value in paper.state_dict().items():  # same seed, same weights: the option draws no random numbers
+        assert torch.equal(value, ours.state_dict()[key]), key
+    assert not ours.frame_embedder.weight.any() and not ours.frame_embedder.bias.any()
+    perturb_zero_init(paper, skip=("temporal_attn.to_out",))
+    perturb_zero_init(ours, skip=("temporal_attn.to_out", "frame_embedder"))
+    latents, text, timestep, mask = dummy_inputs()
+    latents = latents[:, :, :1].expand(-1, -1, 3, -1, -1).contiguous()  # three identical frames
+    with torch.no_grad():
+        out_paper, out_ours = paper(latents, text, timestep, mask).sample, ours(latents, text, timestep, mask).sample
+    assert torch.equal(out_paper, out_ours)  # zero-init: exactly the paper model
+    # without temporal mixing the paper model cannot tell identical frames apart; the frame embedding can
+    assert torch.equal(out_paper[:, :, 0], out_paper[:, :, 2])
+    ours(latents, text, timestep, mask).sample.square().mean().backward()
+    assert ours.frame_embedder.weight.grad.abs().sum() > 0
+    perturb_zero_init(ours, skip=("temporal_attn.to_out",))
+    with torch.no_grad():
+        out_ours = ours(latents, text, timestep, mask).sample
+    assert (out_ours[:, :, 0] - out_ours[:, :, 2]).abs().max() > 1e-4
+    ours.save_pretrained(tmp_path)
+    loaded = MVDiTTransformer3DModel.from_pretrained(tmp_path)
+    assert loaded.config.frame_embedding and torch.equal(loaded.frame_embedder.weight, ours.frame_embedder.weight)
