@@ -13,8 +13,9 @@ imports, for:
   probe worker's peak is shown as ``build worker``.
 - ``loader``: one 16-frame clip through ``make_video_dataset`` (the tar member is decoded in place).
 - ``loader, bytes (peer)``: plain ``webdataset.WebDataset`` (member read into memory) + decord from bytes.
-- ``decode, decord`` / ``decode, PyAV``: ``read_frames`` of the same 16 frames (400, 403, ..., 445) straight from the
-  file's path, with each decoder: what the decoder itself holds, with no shard or loader around it.
+- ``decode, decord`` / ``decode, torchcodec`` / ``decode, PyAV``: ``read_frames`` of the same 16 frames (400, 403,
+  ..., 445) straight from the file's path, with each decoder: what the decoder itself holds, with no shard or loader
+  around it. A decoder that is not installed prints ``n/a``.
 
 ``build worker`` is the probe worker's absolute peak RSS (``RUSAGE_CHILDREN``: imports included, no baseline taken).
 
@@ -36,7 +37,16 @@ from pathlib import Path
 import numpy as np
 
 SIZES = {"64 MiB": 64 << 20, "1 GiB": 1 << 30}
-CASES = ("probe", "probe_bytes", "build", "loader", "loader_bytes", "decode_decord", "decode_pyav")
+CASES = (
+    "probe",
+    "probe_bytes",
+    "build",
+    "loader",
+    "loader_bytes",
+    "decode_decord",
+    "decode_torchcodec",
+    "decode_pyav",
+)
 LABELS = {
     "probe": "probe",
     "probe_bytes": "probe, bytes (peer)",
@@ -45,6 +55,7 @@ LABELS = {
     "loader": "loader",
     "loader_bytes": "loader, bytes (peer)",
     "decode_decord": "decode, decord",
+    "decode_torchcodec": "decode, torchcodec",
     "decode_pyav": "decode, PyAV",
 }
 
@@ -99,7 +110,7 @@ def _measure(case: str, video: Path, workdir: Path) -> dict[str, float]:
     from data_pipelines.build import BuildConfig, build_shards
     from data_pipelines.probe import ProbeRequest, VideoLocation, probe_video
     from genvis.data.loaders import ClipConfig, make_video_dataset
-    from genvis.data.video import read_frames
+    from genvis.data.video import decoder_problem, read_frames
 
     def peak_mib(who: int = resource.RUSAGE_SELF) -> float:
         return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
@@ -132,8 +143,11 @@ def _measure(case: str, video: Path, workdir: Path) -> dict[str, float]:
     elif case == "loader_bytes":
         sample = next(iter(wds.WebDataset(str(shards / "000000.tar"), shardshuffle=False, empty_check=False)))
         read_frames(sample["mp4"], list(range(0, 48, 3)), decoder="decord")
-    elif case in ("decode_decord", "decode_pyav"):
-        read_frames(video, list(range(400, 448, 3)), decoder=case.removeprefix("decode_"))
+    elif case.startswith("decode_"):
+        decoder = case.removeprefix("decode_")
+        if decoder_problem(decoder) is not None:
+            return {case: float("nan")}
+        read_frames(video, list(range(400, 448, 3)), decoder=decoder)
     return {case: peak_mib() - baseline}
 
 
@@ -169,6 +183,9 @@ def main() -> None:
     print(f"{'case':<24}{small:>10}{big:>10}{'ratio':>8}")
     for key, label in LABELS.items():
         low, high = results[small][key], results[big][key]
+        if low != low:  # NaN: the decoder is not installed
+            print(f"{label:<24}{'n/a':>10}{'n/a':>10}{'n/a':>8}")
+            continue
         print(f"{label:<24}{low:>10.1f}{high:>10.1f}{high / max(low, 1e-9):>8.2f}")
 
 

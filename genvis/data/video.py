@@ -22,6 +22,7 @@ import importlib.util
 import io
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -134,8 +135,6 @@ def decoder_problem(name: DecoderName) -> str | None:
         return "not installed"
     if name != "torchcodec":
         return None
-    import sys
-
     cache_key = tuple(sys.path)
     if cache_key in _LOAD_FAILURES:
         return _LOAD_FAILURES[cache_key]
