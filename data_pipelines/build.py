@@ -808,6 +808,9 @@ class _ShardSink:
             stream, size = open_video_stream(row.location)
         except (OSError, KeyError, zipfile.BadZipFile) as error:
             return f"read failed after probe: {type(error).__name__}: {error}"
+        if size < 0:
+            stream.close()
+            return f"size unknown: {row.location} gave no length (a tar member needs one); expected a byte size"
         with stream:
             metadata = {**row.values, **info, "csv_line": row.line, "schema_version": SCHEMA_VERSION}
             members = {
