@@ -295,3 +295,21 @@ def test_every_loadable_genvis_class_exposes_its_base_in_its_module():
                     if getattr(module, name, None) is not base:
                         problems.append(f"{module.__name__}.{cls.__name__}: module has no {name}")
     assert checked >= 5 and not problems, problems
+
+
+@pytest.mark.e2e
+def test_documented_loading_snippet_runs(exports, tmp_path):
+    """docs/pipelines.md "Loading an export": its Python block runs as written on a LaVin export (path replaced)."""
+    _, get = exports
+    folder, _ = get("lavin-st_vae")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "pipelines.md").read_text()
+    section = docs.split("## Loading an export", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert snippet.count('"runs/lavin_dit/pipeline"') == 3, "the documented snippet changed: update this test"
+    code = snippet.replace('"runs/lavin_dit/pipeline"', repr(str(folder)))
+    code += "\nassert type(pipe).__name__ == 'LaVinDiTPipeline' and type(transformer).__name__ == 'LaVinDiTTransformer3DModel'\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"documented snippet failed:\n{proc.stderr[-3000:]}"

@@ -1,4 +1,4 @@
-"""diffusers pipelines: in-context generation (LaVin-DiT)."""
+"""diffusers pipelines: in-context generation (LaVin-DiT), text-to-video (MVDiT); export contract in docs/pipelines.md."""
 
 from genvis.pipelines.lavin_dit_evaluation import (
     InContextScore,
@@ -8,9 +8,10 @@ from genvis.pipelines.lavin_dit_evaluation import (
     evaluate_reliance,
     psnr,
 )
-from genvis.pipelines.pipeline_lavin_dit import LaVinDiTPipeline, LaVinDiTPipelineOutput
+from genvis.pipelines.pipeline_lavin_dit import GenvisPipelineMixin, LaVinDiTPipeline, LaVinDiTPipelineOutput
 
 __all__ = [
+    "GenvisPipelineMixin",
     "InContextScore",
     "LaVinDiTPipeline",
     "LaVinDiTPipelineOutput",
