@@ -15,4 +15,19 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 # --- end serve/ block
+# --- data/ torchcodec block (tests/data/test_decoders.py): the data extra's torchcodec (x86_64 Linux) loads FFmpeg's
+# shared libraries from the system; Debian bookworm's FFmpeg 5.1 packages, installed only when one is missing.
+if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+  FFMPEG_LIBS="libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8"
+  MISSING=""
+  for lib in $FFMPEG_LIBS; do
+    dpkg-query -W -f='${Status}' "$lib" 2>/dev/null | grep -q "install ok installed" || MISSING="$MISSING $lib"
+  done
+  if [ -n "$MISSING" ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    # shellcheck disable=SC2086 # one word per package
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $MISSING >/dev/null
+  fi
+fi
+# --- end data/ block
 .venv/bin/python -m pytest -m "not gpu" "$@"
