@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate.logging import get_logger
@@ -55,6 +56,8 @@ logger = get_logger(__name__)
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
+    # ``AutoencoderKLCogVideoX`` config fields over the preset's, e.g. {block_out_channels: [64, 64, 128, 128]}.
+    overrides: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
 
 
@@ -194,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # 1. Model, discriminator, optimizers.
-    unwrapped = build_st_vae(config.model.preset, sample_height=data.size, sample_width=data.size)
+    unwrapped = build_st_vae(
+        config.model.preset, **{"sample_height": data.size, "sample_width": data.size, **config.model.overrides}
+    )
     if config.model.gradient_checkpointing:
         unwrapped.enable_gradient_checkpointing()
     model = EncodeDecode(unwrapped)

@@ -28,6 +28,7 @@ Checked by ``tests/vae/test_st_vae.py``.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -208,6 +209,10 @@ def st_vae_config(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """A copy of ``ST_VAE_CONFIGS[preset]`` with ``overrides`` applied (unknown preset -> ``ValueError``)."""
     if preset not in ST_VAE_CONFIGS:
         raise ValueError(f"preset: expected one of {list(ST_VAE_CONFIGS)}, got {preset!r}")
+    known = set(inspect.signature(AutoencoderKLCogVideoX.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown ST-VAE config field(s) {unknown}; expected fields of {sorted(known)}")
     config = copy.deepcopy(ST_VAE_CONFIGS[preset])
     config.update(overrides)
     widths, groups = config["block_out_channels"], config["norm_num_groups"]

@@ -73,6 +73,8 @@ def test_config_errors():
         st_vae_config("huge")
     with pytest.raises(ValueError, match="norm_num_groups"):
         st_vae_config("tiny", block_out_channels=[12, 32, 64, 64])
+    with pytest.raises(ValueError, match=r"unknown ST-VAE config field\(s\) \['block_channels'\]"):
+        st_vae_config("tiny", block_channels=[32, 32, 64, 64])
 
 
 def test_save_pretrained_round_trip(tmp_path, tiny_vae):

@@ -80,3 +80,10 @@ def test_gan_phase_trains_the_discriminator(tmp_path):
     )
     assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
     assert (tmp_path / "gan" / "discriminator" / "config.json").is_file()
+
+
+def test_model_overrides_reach_the_exported_vae(tmp_path):
+    main = _script_main()
+    main(_args(tmp_path / "wide", "schedule.max_steps=1", "model.overrides={block_out_channels: [16, 16, 32, 32]}"))
+    config = json.loads((tmp_path / "wide" / "vae" / "config.json").read_text())
+    assert config["block_out_channels"] == [16, 16, 32, 32]
