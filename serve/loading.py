@@ -59,7 +59,8 @@ class FamilyInfo:
         key: short name (``lavin_dit``), also the ``runs/<key>`` folder and ``train/<key>.py`` script.
         title: display name.
         module: module holding the pipeline class.
-        class_name: the pipeline / model class (a ``model_index.json``'s ``_class_name`` must match it).
+        class_name: the pipeline / model class (a ``model_index.json``'s ``_class_name`` must name it, as a string
+            or as diffusers' ``[module file, class]``).
         train_command: the command that makes a checkpoint.
         index_file: the file that marks an exported folder of this family.
         export_name: the export's folder name inside a checkpoint or run folder (in messages).
@@ -189,6 +190,17 @@ def resolve_pipeline_dir(path: str | os.PathLike, family: str | FamilyInfo) -> P
     )
 
 
+def _index_class_name(entry: Any) -> str | None:
+    """The pipeline class a ``model_index.json`` ``_class_name`` names: a bare ``"LaVinDiTPipeline"`` (genvis exports
+    before the switch, diffusers' own pipelines) or diffusers' custom-pipeline ``["pipeline_lavin_dit",
+    "LaVinDiTPipeline"]`` (loader module file, class; what genvis writes now); None for anything else."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(part, str) for part in entry):
+        return entry[1]
+    return None
+
+
 def load_family(
     path: str | os.PathLike, family: str | FamilyInfo, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Path]:
@@ -204,7 +216,7 @@ def load_family(
         index = json.loads((folder / info.index_file).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointLoadError(f"{info.title}: {folder / info.index_file} is unreadable ({err})") from None
-    found = index.get("_class_name") if isinstance(index, dict) else None
+    found = _index_class_name(index.get("_class_name") if isinstance(index, dict) else None)
     if info.index_file == MODEL_INDEX and found != info.class_name:
         raise CheckpointLoadError(
             f"{info.title}: {folder} holds a {found or 'pipeline of unknown class'}, expected a {info.class_name}; "

@@ -1,18 +1,20 @@
 """Pipeline exports reload in a fresh process through every loader a user reaches for, and give the same output.
 
 Each family (LaVin-DiT with the pixel autoencoder / the ST-VAE, MVDiT with the ST-VAE / pixels) is built here from
-tiny random-init genvis classes, ``save_pretrained`` to a folder, then reloaded in a *new* Python process by
+tiny random-init genvis classes, ``save_pretrained`` to a folder, then reloaded in *one new* Python process per
+family, in this order:
 
-- ``genvis_class``: the genvis pipeline class ``from_pretrained``, then every component on its own with
-  ``<class>.from_pretrained(folder, subfolder=<name>)`` (the ``[library, class]`` entry of model_index.json) and the
-  pipeline assembled from them;
-- ``diffusers``: ``diffusers.DiffusionPipeline.from_pretrained(folder, custom_pipeline=<loader module>,
-  trust_remote_code=True)`` with genvis never imported by the caller (the folder's loader module imports it); the
-  bare ``DiffusionPipeline.from_pretrained(folder)`` is checked to fail as diffusers does for any class it does not
-  ship (it imports no module a folder names);
-- ``diffusers_after_import_genvis``: the same after ``import genvis``.
+- ``diffusers``: ``diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` with genvis never
+  imported by the caller (model_index.json's ``"_class_name": [<loader module>, <class>]`` names the folder's loader
+  module, which imports genvis); the bare call without ``trust_remote_code`` must name the loader module;
+- ``diffusers_custom_pipeline``: the same with ``custom_pipeline=<loader module>``;
+- ``diffusers_after_import_genvis``: ``trust_remote_code=True`` alone again, genvis now imported;
+- ``genvis_class``: the genvis pipeline class ``from_pretrained``;
+- ``components``: every component on its own with ``<class>.from_pretrained(folder, subfolder=<name>)`` (the
+  ``[library, class]`` entry of model_index.json) and the pipeline assembled from them.
 
-Every reload must reproduce the original pipeline's output for the same seed. See docs/pipelines.md.
+A folder in the layout genvis wrote before (``"_class_name": "<class>"``) is checked to load too. Every reload must
+reproduce the original pipeline's output for the same seed. See docs/pipelines.md.
 """
 
 from __future__ import annotations
@@ -77,38 +79,43 @@ def load_components(folder):
     return index, components
 
 
-def main(mode, family, folder, out):
-    report = {}
-    if mode == "genvis_class":
-        lavin = family.startswith("lavin")
-        module = importlib.import_module(f"genvis.pipelines.pipeline_{'lavin_dit' if lavin else 'mvdit'}")
-        pipeline_class = getattr(module, "LaVinDiTPipeline" if lavin else "MVDiTPipeline")
-        pipe = pipeline_class.from_pretrained(folder)
-        outputs = {"genvis_class": run(pipe, family)}
-        index, components = load_components(folder)
-        outputs["components"] = run(pipeline_class(**components), family)
-        report["component_types"] = {name: f"{type(c).__module__}.{type(c).__name__}" for name, c in components.items()}
-    else:
-        if mode == "diffusers_after_import_genvis":
-            import genvis  # noqa: F401
-        else:
-            assert not any(m == "genvis" or m.startswith("genvis.") for m in sys.modules), "genvis imported too early"
-        from diffusers import DiffusionPipeline
+def _types(pipe):
+    return {
+        "pipeline": type(pipe).__module__ + "." + type(pipe).__name__,
+        "components": {name: f"{type(c).__module__}.{type(c).__name__}" for name, c in pipe.components.items()},
+    }
 
-        try:  # diffusers runs no code a folder names unless told to: the bare call cannot reach genvis
-            DiffusionPipeline.from_pretrained(folder)
-            report["plain_error"] = None
-        except (AttributeError, ValueError) as err:
-            report["plain_error"] = f"{type(err).__name__}: {err}"
-        if mode == "diffusers_class_name_list":  # "_class_name": [module file, class]
-            pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-        else:
-            stem = "pipeline_lavin_dit" if family.startswith("lavin") else "pipeline_mvdit"
-            pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=stem, trust_remote_code=True)
-        outputs = {mode: run(pipe, family)}
-    report["pipeline_type"] = type(pipe).__module__ + "." + type(pipe).__name__
-    report["component_types_pipe"] = {name: f"{type(c).__module__}.{type(c).__name__}"
-                                      for name, c in pipe.components.items()}
+
+def main(out, layout, family, folder):
+    """Every loader on one folder, in this order: diffusers before genvis is imported, then after, then genvis."""
+    assert not any(m == "genvis" or m.startswith("genvis.") for m in sys.modules), "genvis imported too early"
+    from diffusers import DiffusionPipeline
+
+    lavin = family.startswith("lavin")
+    stem, cls = ("pipeline_lavin_dit", "LaVinDiTPipeline") if lavin else ("pipeline_mvdit", "MVDiTPipeline")
+    report, outputs, types = {}, {}, {}
+    try:  # list layout: diffusers wants trust_remote_code; string layout: diffusers cannot find the class
+        DiffusionPipeline.from_pretrained(folder)
+        report["plain_error"] = None
+    except (AttributeError, ValueError) as err:
+        report["plain_error"] = f"{type(err).__name__}: {err}"
+    assert not any(m == "genvis" or m.startswith("genvis.") for m in sys.modules), "the bare call ran folder code"
+    calls = {"diffusers_custom_pipeline": {"custom_pipeline": stem, "trust_remote_code": True}}
+    if layout == "list":  # trust_remote_code alone, first with genvis never imported, then again after
+        calls = {"diffusers": {"trust_remote_code": True}, **calls, "diffusers_after_import_genvis": {"trust_remote_code": True}}
+    for name, kwargs in calls.items():
+        pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
+        outputs[name], types[name] = run(pipe, family), _types(pipe)
+    import genvis  # noqa: F401  (imported by the loader module by now)
+
+    module = importlib.import_module(f"genvis.pipelines.{stem}")
+    pipeline_class = getattr(module, cls)
+    pipe = pipeline_class.from_pretrained(folder)
+    outputs["genvis_class"], types["genvis_class"] = run(pipe, family), _types(pipe)
+    index, components = load_components(folder)
+    pipe = pipeline_class(**components)
+    outputs["components"], types["components"] = run(pipe, family), _types(pipe)
+    report["types"] = types
     torch.save(outputs, out)
     with open(out + ".json", "w") as f:
         json.dump(report, f)
@@ -119,7 +126,6 @@ if __name__ == "__main__":
 '''
 
 FAMILIES = ["lavin-pixel", "lavin-st_vae", "mvdit-st_vae", "mvdit-pixel"]
-MODES = ["genvis_class", "diffusers", "diffusers_after_import_genvis"]
 
 
 def _open_zero_branches(model: torch.nn.Module) -> torch.nn.Module:
@@ -174,17 +180,18 @@ def build_pipeline(family: str):
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """``family -> (folder, reference output)``, each written once for the module."""
+    """``(script, get)``: ``get(family, class_name_as_list)`` -> ``(folder, reference output)``, each written once."""
     script = tmp_path_factory.mktemp("script") / "reload.py"
     script.write_text(RELOAD_SCRIPT)
     run = runpy.run_path(str(script), run_name="reload")["run"]
     cache: dict[tuple[str, bool], tuple[Path, torch.Tensor]] = {}
 
-    def get(family: str, class_name_as_list: bool = False):
+    def get(family: str, class_name_as_list: bool = True):
         key = (family, class_name_as_list)
         if key not in cache:
             pipe = build_pipeline(family)
-            pipe._class_name_as_list = class_name_as_list
+            if not class_name_as_list:  # the layout genvis wrote before the switch: "_class_name": "<class>"
+                pipe._class_name_as_list = False
             folder = tmp_path_factory.mktemp(family)
             pipe.save_pretrained(folder)
             cache[key] = (folder, run(pipe, family))
@@ -193,50 +200,57 @@ def exports(tmp_path_factory):
     return script, get
 
 
-def _reload(script: Path, mode: str, family: str, folder: Path, tmp_path: Path):
+def _reload(script: Path, layout: str, family: str, folder: Path, tmp_path: Path):
     out = tmp_path / "out.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "hf")}
     proc = subprocess.run(
-        [sys.executable, str(script), mode, family, str(folder), str(out)],
+        [sys.executable, str(script), str(out), layout, family, str(folder)],
         cwd=tmp_path,  # genvis comes from the installed package, not from the working directory
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, f"{mode} reload of {family} failed:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{layout}-layout reload of {family} failed:\n{proc.stderr[-4000:]}"
     return torch.load(out), json.loads(Path(f"{out}.json").read_text())
 
 
+def _check_types(report: dict, family: str, loaders: set[str]) -> None:
+    cls = "LaVinDiTPipeline" if family.startswith("lavin") else "MVDiTPipeline"
+    vae_class = "AutoencoderKLSTVAE" if family.endswith("st_vae") else "PixelUnshuffleAutoencoder"
+    assert set(report["types"]) == loaders
+    for loader, types in report["types"].items():
+        assert types["pipeline"].endswith(f".{cls}"), f"{loader}: {types['pipeline']}"
+        assert types["components"]["vae"].endswith(vae_class), f"{loader}: {types['components']['vae']}"
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_reloads_in_a_fresh_process(exports, tmp_path, family, mode):
+def test_export_reloads_in_a_fresh_process(exports, tmp_path, family):
+    """One fresh process per family: diffusers with ``trust_remote_code=True`` alone (genvis not imported yet), with
+    ``custom_pipeline`` too, again after ``import genvis``; the genvis class; every component through its own class.
+    The bare call names the loader module and ``trust_remote_code``. Every output equals the saved pipeline's."""
     script, get = exports
     folder, expected = get(family)
-    outputs, report = _reload(script, mode, family, folder, tmp_path)
-    cls = "LaVinDiTPipeline" if family.startswith("lavin") else "MVDiTPipeline"
-    assert report["pipeline_type"].endswith(f".{cls}")
-    vae_class = "AutoencoderKLSTVAE" if family.endswith("st_vae") else "PixelUnshuffleAutoencoder"
-    assert report["component_types_pipe"]["vae"].endswith(vae_class)
-    if mode != "genvis_class":  # a bare class name resolves inside diffusers only
-        assert report["plain_error"] == f"AttributeError: module diffusers has no attribute {cls}"
+    outputs, report = _reload(script, "list", family, folder, tmp_path)
+    loaders = {"diffusers", "diffusers_custom_pipeline", "diffusers_after_import_genvis", "genvis_class", "components"}
+    _check_types(report, family, loaders)
+    stem = "pipeline_lavin_dit" if family.startswith("lavin") else "pipeline_mvdit"
+    assert "trust_remote_code" in report["plain_error"] and f"{stem}.py" in report["plain_error"]
     _assert_same_outputs(outputs, expected)
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("family", ["lavin-pixel", "mvdit-st_vae"])
-def test_class_name_list_form_needs_only_trust_remote_code(exports, tmp_path, family):
-    """With ``_class_name_as_list`` the folder is diffusers' custom-pipeline layout: ``trust_remote_code=True`` alone
-    loads it, the bare call names the loader module, and the genvis class still loads it without running it."""
+def test_string_layout_folders_still_load(exports, tmp_path):
+    """A folder written before the switch (``"_class_name": "LaVinDiTPipeline"``) loads in the genvis class, its
+    components and diffusers with ``custom_pipeline``; the bare call fails as diffusers does for any class it does not
+    ship. (The demo's loader is checked on both layouts in tests/serve/test_handlers.py.)"""
     script, get = exports
-    folder, expected = get(family, class_name_as_list=True)
-    stem = "pipeline_lavin_dit" if family.startswith("lavin") else "pipeline_mvdit"
-    assert json.loads((folder / "model_index.json").read_text())["_class_name"][0] == stem
-    outputs, report = _reload(script, "diffusers_class_name_list", family, folder, tmp_path)
-    assert "trust_remote_code" in report["plain_error"] and f"{stem}.py" in report["plain_error"]
-    _assert_same_outputs(outputs, expected)
-    outputs, _ = _reload(script, "genvis_class", family, folder, tmp_path)
+    folder, expected = get("lavin-pixel", class_name_as_list=False)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "LaVinDiTPipeline"
+    outputs, report = _reload(script, "string", "lavin-pixel", folder, tmp_path)
+    _check_types(report, "lavin-pixel", {"diffusers_custom_pipeline", "genvis_class", "components"})
+    assert report["plain_error"] == "AttributeError: module diffusers has no attribute LaVinDiTPipeline"
     _assert_same_outputs(outputs, expected)
 
 
@@ -254,7 +268,7 @@ def test_export_folder_layout(exports, family):
     index = json.loads((folder / "model_index.json").read_text())
     lavin = family.startswith("lavin")
     stem, cls = ("pipeline_lavin_dit", "LaVinDiTPipeline") if lavin else ("pipeline_mvdit", "MVDiTPipeline")
-    assert index["_class_name"] == cls  # what serve/loading.py and other readers of model_index.json expect
+    assert index["_class_name"] == [stem, cls]  # diffusers' custom-pipeline layout: the loader module, the class
     loader = (folder / f"{stem}.py").read_text()
     imported = [line.split()[1] for line in loader.splitlines() if line.startswith(("import ", "from "))]
     assert imported and all(name == "genvis" or name.startswith("genvis.") for name in imported), imported

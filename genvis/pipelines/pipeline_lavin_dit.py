@@ -46,8 +46,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 _LOADER_MODULE = '''"""Loader module written by genvis next to model_index.json; it holds no model code.
 
-diffusers runs it to find the pipeline class, for
-``DiffusionPipeline.from_pretrained(folder, custom_pipeline="{stem}", trust_remote_code=True)``.
+diffusers runs it to find the pipeline class: ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``
+when model_index.json names it (``"_class_name": ["{stem}", "{cls}"]``), else with ``custom_pipeline="{stem}"`` added.
 It only imports the installed genvis package: the pipeline class and the modules of the genvis components, so diffusers
 resolves their ``[module, class]`` entries in model_index.json.
 """
@@ -68,22 +68,21 @@ class GenvisPipelineMixin:
     """What every genvis ``DiffusionPipeline`` writes and reads (docs/pipelines.md).
 
     ``save_pretrained`` writes, next to ``model_index.json``, a loader module named after the pipeline's module
-    (``pipeline_lavin_dit.py`` / ``pipeline_mvdit.py``) that only imports from genvis. Components keep diffusers'
-    ``[library, class]`` entries (genvis components by their full module path). One folder then loads with
+    (``pipeline_lavin_dit.py`` / ``pipeline_mvdit.py``) that only imports from genvis, and records the pipeline in
+    diffusers' custom-pipeline form ``"_class_name": ["pipeline_lavin_dit", "LaVinDiTPipeline"]``. Components keep
+    diffusers' ``[library, class]`` entries (genvis components by their full module path). One folder then loads with
 
     - the genvis class: ``LaVinDiTPipeline.from_pretrained(folder)`` (runs no code from the folder);
-    - diffusers: ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_lavin_dit",
-      trust_remote_code=True)``, with or without ``import genvis`` first, from a folder or a Hub repo (diffusers never
-      imports a module a folder names unless told to: a bare ``DiffusionPipeline.from_pretrained(folder)`` cannot
-      find a class outside diffusers);
+    - diffusers: ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``, with or without
+      ``import genvis`` first, from a folder or a Hub repo (``custom_pipeline="pipeline_lavin_dit"`` may be added; it
+      is what older, string-layout folders need);
     - one component: ``<component class>.from_pretrained(folder, subfolder="<name>")``.
 
-    ``_class_name_as_list = True`` writes diffusers' custom-pipeline form ``"_class_name": ["<module file>",
-    "<class>"]`` instead, so ``trust_remote_code=True`` alone is enough; off while readers of model_index.json
-    (``serve/loading.py``) expect a string.
+    ``_class_name_as_list = False`` writes the bare class name instead (the layout before the switch), which diffusers
+    resolves only with ``custom_pipeline``; both layouts load in the genvis classes and the demo (``serve/loading.py``).
     """
 
-    _class_name_as_list: bool = False
+    _class_name_as_list: bool = True
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """diffusers' ``model_index.json`` plus the loader module (see the class doc)."""

@@ -188,6 +188,31 @@ def test_missing_checkpoint_messages(tmp_path):
         resolve_pipeline_dir(tmp_path, "lavin_dit")
 
 
+def _copy_export(source: Path, target: Path) -> Path:
+    for item in source.rglob("*"):
+        if item.is_file():
+            (target / item.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            (target / item.relative_to(source)).write_bytes(item.read_bytes())
+    return target
+
+
+def test_both_class_name_layouts_load(tmp_path, lavin_dir):
+    """genvis writes diffusers' ``["pipeline_lavin_dit", "LaVinDiTPipeline"]``; folders written before the switch
+    (a bare ``"LaVinDiTPipeline"``) still load; anything else is refused by name."""
+    index = json.loads((lavin_dir / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_lavin_dit", "LaVinDiTPipeline"]
+    legacy = _copy_export(lavin_dir, tmp_path / "legacy")
+    (legacy / "model_index.json").write_text(json.dumps({**index, "_class_name": "LaVinDiTPipeline"}))
+    pipe, folder = load_family(legacy, "lavin_dit")
+    assert isinstance(pipe, LaVinDiTPipeline) and folder == legacy
+    with pytest.raises(CheckpointLoadError, match="holds a LaVinDiTPipeline, expected a MVDiTPipeline"):
+        load_family(legacy, "mvdit")
+    odd = _copy_export(lavin_dir, tmp_path / "odd")
+    (odd / "model_index.json").write_text(json.dumps({**index, "_class_name": ["pipeline_lavin_dit"]}))
+    with pytest.raises(CheckpointLoadError, match="holds a pipeline of unknown class, expected a LaVinDiTPipeline"):
+        load_family(odd, "lavin_dit")
+
+
 def test_wrong_family_and_damaged_weights(tmp_path, lavin_dir):
     with pytest.raises(CheckpointLoadError, match="holds a LaVinDiTPipeline, expected a MVDiTPipeline"):
         load_family(lavin_dir, "mvdit")
