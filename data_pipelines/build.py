@@ -17,6 +17,12 @@ Stages, in CSV order:
 5. **Manifest**: ``manifest.json`` (config, counts, bytes, per-shard sha256, rejected rows with reasons) and
    ``rejected.csv``.
 
+``part=(I, N)`` (``--part I/N``) builds only the I-th of N contiguous blocks of the row file's records (0-based),
+for slurm arrays: every output name carries the part (``part0001of0004-000000.tar``, its own journal, manifest and
+rejected list), so N parts run at once in one ``--out`` and each resumes on its own; ``data_pipelines.parts`` merges
+their manifests. The CSV stage (parsing, filters, file checks, duplicates, keys) still reads every row, so a part's
+samples are exactly the single build's samples of those rows.
+
 Checked by ``tests/data/test_shard_builder.py``.
 """
 
@@ -75,6 +81,88 @@ logger = logging.getLogger(__name__)
 
 # Fixed tar member mtime, so a re-run (or a resumed run) writes byte-identical shards.
 _TAR_MTIME = 0.0
+
+
+def check_part(part: Any) -> tuple[int, int]:
+    """``(I, N)`` as whole numbers with ``0 <= I < N``; raises ValueError saying what was expected and found."""
+    example = "e.g. 0/4, 1/4, 2/4, 3/4 for 4 parts (slurm: --array=0-3 and --part $SLURM_ARRAY_TASK_ID/4)"
+    try:
+        index, count = part
+    except (TypeError, ValueError):
+        raise ValueError(f"part: expected (I, N), got {part!r}") from None
+    if isinstance(index, bool) or isinstance(count, bool) or not isinstance(index, int) or not isinstance(count, int):
+        raise ValueError(f"part: expected whole numbers I/N, got {part!r}")
+    if count < 1:
+        raise ValueError(f"part {index}/{count}: expected N >= 1 parts, got N = {count}")
+    if not 0 <= index < count:
+        raise ValueError(
+            f"part {index}/{count}: expected 0 <= I < N = {count} (parts count from 0), got I = {index}; {example}"
+        )
+    return index, count
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (``--part``) -> ``(I, N)``; raises ValueError naming what was expected and found."""
+    pieces = text.strip().split("/")
+    if len(pieces) != 2 or not all(piece.strip().isdecimal() for piece in pieces):
+        raise ValueError(
+            f"--part: expected I/N with whole numbers 0 <= I < N (part I of N, counted from 0, e.g. 0/4), got {text!r}"
+        )
+    return check_part((int(pieces[0]), int(pieces[1])))
+
+
+def part_tag(part: tuple[int, int]) -> str:
+    """``(1, 4)`` -> ``part0001of0004``: the part's mark in its output names (zero-padded, so names sort)."""
+    index, count = part
+    width = max(4, len(str(count)))
+    return f"part{index:0{width}d}of{count:0{width}d}"
+
+
+@dataclass(frozen=True)
+class OutputNames:
+    """The file names one build writes in ``--out``: the whole build's, or a part's (every name carries the part, so
+    the N parts of a slurm array write into one folder without touching each other's files).
+
+    Args:
+        journal: append-only resume journal.
+        manifest: ``manifest.json`` (a part: ``manifest.partIofN.json``).
+        rejected: ``rejected.csv`` (a part: ``rejected.partIofN.csv``).
+        shard_prefix: put before ``{shard:06d}.tar`` (a part: ``partIofN-``).
+    """
+
+    journal: str
+    manifest: str
+    rejected: str
+    shard_prefix: str = ""
+
+    @classmethod
+    def for_part(cls, part: tuple[int, int] | None) -> OutputNames:
+        if part is None:
+            return cls(JOURNAL_NAME, MANIFEST_NAME, REJECTED_NAME)
+        tag = part_tag(part)
+        stem, suffix = os.path.splitext(JOURNAL_NAME)
+        return cls(
+            journal=f"{stem}.{tag}{suffix}",
+            manifest=f"{os.path.splitext(MANIFEST_NAME)[0]}.{tag}.json",
+            rejected=f"{os.path.splitext(REJECTED_NAME)[0]}.{tag}.csv",
+            shard_prefix=f"{tag}-",
+        )
+
+    def shard(self, number: int) -> str:
+        return self.shard_prefix + SHARD_PATTERN.format(shard=number)
+
+    def is_shard(self, name: str) -> bool:
+        """A name this build's shards (finished or ``.tmp``) take."""
+        return re.fullmatch(re.escape(self.shard_prefix) + r"\d{6}\.tar(\.tmp)?", name) is not None
+
+    @property
+    def side(self) -> tuple[str, ...]:
+        """The other names the build writes besides shards and the journal."""
+        return (self.manifest, self.manifest + ".tmp", self.rejected, self.journal + ".tmp")
+
+
+# A part's journal (``.build_journal.partIofN.jsonl``); a whole build and parts never share one --out.
+PART_JOURNAL = re.compile(r"^\.build_journal\.part(\d+)of(\d+)\.jsonl$")
 
 
 @dataclass(frozen=True)
@@ -137,6 +225,8 @@ class BuildConfig:
         decoder: ``auto`` (decord, else torchcodec, else PyAV) or one of them; a requested decoder that is not
             installed stops the build before any row is probed. Not part of the resume fingerprint (the decoders
             agree on frames, size and fps); the one used is recorded in the manifest.
+        part: ``(I, N)``: build only part I (0-based) of N contiguous blocks of the records, under output names of
+            that part (see the module docstring); None builds everything. Part of the resume fingerprint.
     """
 
     csv_path: str
@@ -157,8 +247,11 @@ class BuildConfig:
     limit: int | None = None
     decoder: str = "auto"
     input_format: str = "auto"
+    part: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.part is not None:
+            self.part = check_part(self.part)
         if self.shard_max_count < 1:
             raise ValueError(f"shard_max_count: expected >= 1, got {self.shard_max_count}")
         if self.shard_max_bytes is not None and self.shard_max_bytes < 1:
@@ -185,6 +278,9 @@ class BuildConfig:
         # The row format changes how the file parses; a CSV build leaves it out, so builds made before there was a
         # choice of format keep their fingerprint and still resume.
         fields.pop("input_format")
+        fields.pop("part")  # a whole build's fingerprint is the one it had before parts existed
+        if self.part is not None:
+            fields["part"] = list(self.part)
         row_format = detect_row_format(self.csv_path, self.input_format)
         if row_format != "csv":
             fields["input_format"] = row_format
@@ -241,6 +337,7 @@ class BuildReport:
         total_bytes: bytes of all shards.
         rejected: every rejected row.
         resumed_shards: shards kept from an earlier, interrupted run.
+        manifest_name: ``manifest.json``, or the part's ``manifest.partIofN.json``.
     """
 
     out_dir: Path
@@ -249,10 +346,11 @@ class BuildReport:
     total_bytes: int
     rejected: list[Rejection]
     resumed_shards: int = 0
+    manifest_name: str = MANIFEST_NAME
 
     @property
     def manifest_path(self) -> Path:
-        return self.out_dir / MANIFEST_NAME
+        return self.out_dir / self.manifest_name
 
 
 class OutputConflictError(FileExistsError):
@@ -495,21 +593,51 @@ def _location_identity(location: VideoLocation) -> str:
     return f"{path}::{location.member}" if location.member else path
 
 
+def part_bounds(num_records: int, part: tuple[int, int]) -> tuple[int, int]:
+    """Records ``[start, end)`` (0-based positions among the row file's records) of part ``(I, N)``: N contiguous
+    blocks whose sizes differ by at most one."""
+    index, count = part
+    return index * num_records // count, (index + 1) * num_records // count
+
+
+@dataclass
+class _RowsRead:
+    rows: list[CsvRow]
+    rejected: list[Rejection]
+    num_records: int  # records of the whole file considered (within --limit), all parts together
+    bounds: tuple[int, int] | None  # the part's records, None for a whole build
+
+
 def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
     """Parse and validate the row file (CSV, TSV, JSONL or parquet), locate every video and apply the CSV-stage
     filters.
 
     A bad row (wrong field count, bad number, bytes that are not UTF-8, a NUL byte or an over-long file name, a
     JSONL line that is not a JSON object, a missing or non-regular file, a second row for the same file) is rejected
-    with its line (parquet: its row number); the other rows go on.
+    with its line (parquet: its row number); the other rows go on. With ``config.part`` every row is still read and
+    checked (duplicates and keys are those of the whole file) but only the part's rows and rejections are returned.
 
     Raises:
         CsvSchemaError: the file is unreadable, empty, of an unknown format, or lacks the ``video`` or ``caption``
             column.
     """
+    read = _read_rows(config)
+    return read.rows, read.rejected
+
+
+def _read_rows(config: BuildConfig) -> _RowsRead:
     resolver = _VideoResolver(config.video_root)
     rows: list[CsvRow] = []
     rejected: list[Rejection] = []
+    # Position of each row / rejection among the file's records, for picking a part's block afterwards.
+    row_records: list[int] = []
+    rejected_records: list[int] = []
+    record_number = -1
+
+    def reject(rejection: Rejection) -> None:
+        rejected.append(rejection)
+        rejected_records.append(record_number)
+
     with open_rows(config.csv_path, config.input_format) as row_file:
         layout = _read_layout(row_file, config)
         video_position = layout.positions["video"]
@@ -518,34 +646,35 @@ def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
         index = -1
         for record in row_file.records:
             line, cells = record.line, record.cells
+            if cells is not None and config.limit is not None and index + 1 >= config.limit:
+                break
+            record_number += 1
             if cells is None:
-                rejected.append(Rejection(line, "", "csv", record.error or "unreadable row"))
+                reject(Rejection(line, "", "csv", record.error or "unreadable row"))
                 continue
             index += 1
-            if config.limit is not None and index >= config.limit:
-                break
             video_cell = cells[video_position].strip() if video_position < len(cells) else ""
             video_cell = video_cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             try:
                 values = _parse_row(cells, layout)
             except BadRowError as error:
-                rejected.append(Rejection(line, video_cell, "csv", str(error)))
+                reject(Rejection(line, video_cell, "csv", str(error)))
                 continue
             video = values["video"]
             filter_reason = _csv_filter_reason(config, values)
             if filter_reason:
-                rejected.append(Rejection(line, video, "filter", filter_reason))
+                reject(Rejection(line, video, "filter", filter_reason))
                 continue
             try:
                 location = resolver.locate(video, values.pop("zip_file", None), values.pop("video_path", None))
             except (OSError, ValueError, zipfile.BadZipFile) as error:
                 reason = str(error) if isinstance(error, BadRowError) else f"{type(error).__name__}: {error}"
-                rejected.append(Rejection(line, video, "file", reason))
+                reject(Rejection(line, video, "file", reason))
                 continue
             identity = _location_identity(location)
             if identity in seen:
                 reason = f"duplicate video {video!r}: the same file as line {seen[identity]} ({location})"
-                rejected.append(Rejection(line, video, "csv", reason))
+                reject(Rejection(line, video, "csv", reason))
                 continue
             seen[identity] = line
             key = sample_key(video)
@@ -553,7 +682,17 @@ def read_csv_rows(config: BuildConfig) -> tuple[list[CsvRow], list[Rejection]]:
                 key = f"{key}_L{line}"  # two names that sanitise to the same key (a.b.mp4 and a_b.mp4)
             used_keys.add(key)
             rows.append(CsvRow(index, line, key, values, location))
-    return rows, rejected
+            row_records.append(record_number)
+    num_records = record_number + 1
+    if config.part is None:
+        return _RowsRead(rows, rejected, num_records, None)
+    start, end = part_bounds(num_records, config.part)
+    return _RowsRead(
+        [row for row, number in zip(rows, row_records) if start <= number < end],
+        [rejection for rejection, number in zip(rejected, rejected_records) if start <= number < end],
+        num_records,
+        (start, end),
+    )
 
 
 _FORMAT_NOUNS = {"csv": "CSV", "tsv": "TSV", "jsonl": "JSONL file", "parquet": "parquet file"}
@@ -611,10 +750,8 @@ def _probe_filter_reason(config: BuildConfig, info: dict[str, Any]) -> str | Non
 # ---------------------------------------------------------------------------------------------------------------------
 # Journal (resume state and proof of which files this build wrote)
 
-# Names the builder writes in --out (the journal itself aside). A file under one of them that the journal does not
-# list belongs to someone else: the build refuses to start rather than delete or overwrite it.
-_SHARD_NAME = re.compile(r"^\d{6}\.tar(\.tmp)?$")
-_SIDE_NAMES = (MANIFEST_NAME, MANIFEST_NAME + ".tmp", REJECTED_NAME, JOURNAL_NAME + ".tmp")
+# Names the builder writes in --out (``OutputNames``; the journal itself aside). A file under one of them that the
+# journal does not list belongs to someone else: the build refuses to start rather than delete or overwrite it.
 
 
 @dataclass
@@ -647,16 +784,18 @@ class _Journal:
     changed: list[str] = field(default_factory=list)
 
 
-def _append_journal(out_dir: Path, record: dict[str, Any]) -> None:
-    with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as handle:
+def _append_journal(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _rewrite_journal(out_dir: Path, fingerprint: dict[str, Any], finished: list[_ShardRecord]) -> None:
+def _rewrite_journal(
+    out_dir: Path, names: OutputNames, fingerprint: dict[str, Any], finished: list[_ShardRecord]
+) -> None:
     """Atomically replace the journal by the config and the shards kept (stale entries were cleaned up)."""
-    tmp = out_dir / (JOURNAL_NAME + ".tmp")
+    tmp = out_dir / (names.journal + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(json.dumps({"type": "config", "config": fingerprint}) + "\n")
         for record in finished:
@@ -664,12 +803,12 @@ def _rewrite_journal(out_dir: Path, fingerprint: dict[str, Any], finished: list[
             handle.write(json.dumps({"type": "shard", **dataclasses.asdict(record)}) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, out_dir / JOURNAL_NAME)
+    os.replace(tmp, out_dir / names.journal)
 
 
-def _load_journal(out_dir: Path) -> _Journal:
+def _load_journal(out_dir: Path, names: OutputNames) -> _Journal:
     """The earlier runs' records; finished shards are checked against the files on disk."""
-    path = out_dir / JOURNAL_NAME
+    path = out_dir / names.journal
     if not path.is_file():
         return _Journal()
     journal = _Journal(exists=True)
@@ -702,25 +841,44 @@ def _load_journal(out_dir: Path) -> _Journal:
     return journal
 
 
-def _foreign_outputs(out_dir: Path, journal: _Journal) -> list[str]:
+def _foreign_outputs(out_dir: Path, journal: _Journal, names: OutputNames) -> list[str]:
     """Files under the builder's output names that no run of this build wrote."""
-    ours = set(journal.owned) | (set(_SIDE_NAMES) if journal.exists else set())
-    names = sorted(os.listdir(out_dir))
+    ours = set(journal.owned) | (set(names.side) if journal.exists else set())
+    listed = sorted(os.listdir(out_dir))
     foreign = [
-        str(out_dir / name) for name in names if (_SHARD_NAME.match(name) or name in _SIDE_NAMES) and name not in ours
+        str(out_dir / name) for name in listed if (names.is_shard(name) or name in names.side) and name not in ours
     ]
     return foreign + journal.changed
 
 
-def _claim_out_dir(out_dir: Path, fingerprint: dict[str, Any], overwrite: bool) -> list[_ShardRecord]:
+def _check_not_mixed(out_dir: Path, names: OutputNames) -> None:
+    """A whole build and part builds never share one --out (their manifests would describe different shard sets)."""
+    if names.journal == JOURNAL_NAME:
+        parts = sorted(name for name in os.listdir(out_dir) if PART_JOURNAL.match(name))
+        if parts:
+            raise OutputConflictError(
+                f"{out_dir}: holds a --part build ({', '.join(parts)}); build the whole row file into another --out, "
+                "or run the remaining parts and `genvis-shards merge` them"
+            )
+    elif (out_dir / JOURNAL_NAME).is_file():
+        raise OutputConflictError(
+            f"{out_dir}: holds a whole (non --part) build ({out_dir / JOURNAL_NAME}); build the parts into another --out"
+        )
+
+
+def _claim_out_dir(
+    out_dir: Path, fingerprint: dict[str, Any], overwrite: bool, names: OutputNames
+) -> list[_ShardRecord]:
     """Check --out, remove this build's own stale files and return the finished shards a resume keeps.
 
     Raises:
-        OutputConflictError: an output name is taken by a file this build did not write (listed; nothing removed).
+        OutputConflictError: an output name is taken by a file this build did not write (listed; nothing removed),
+            or --out holds a whole build and this is a part build (or the other way round).
         ValueError: --out holds a build with other options and ``overwrite`` is off.
     """
-    journal = _load_journal(out_dir)
-    foreign = _foreign_outputs(out_dir, journal)
+    _check_not_mixed(out_dir, names)
+    journal = _load_journal(out_dir, names)
+    foreign = _foreign_outputs(out_dir, journal, names)
     if foreign:
         raise OutputConflictError(
             f"{out_dir}: {len(foreign)} file(s) under the builder's output names were not written by this build, "
@@ -737,9 +895,9 @@ def _claim_out_dir(out_dir: Path, fingerprint: dict[str, Any], overwrite: bool) 
     for name in sorted(journal.owned - keep):
         (out_dir / name).unlink(missing_ok=True)
     if overwrite:
-        for name in (MANIFEST_NAME, REJECTED_NAME):
+        for name in (names.manifest, names.rejected):
             (out_dir / name).unlink(missing_ok=True)
-    _rewrite_journal(out_dir, fingerprint, finished)
+    _rewrite_journal(out_dir, names, fingerprint, finished)
     return finished
 
 
@@ -773,9 +931,11 @@ class _ShardSink:
     """Streams samples into ``{shard:06d}.tar.tmp`` (video bytes copied in chunks, never held in memory) and renames
     each shard into place when it is full. Member layout and headers are those of ``webdataset.TarWriter``."""
 
-    def __init__(self, config: BuildConfig, out_dir: Path, first_shard: int) -> None:
+    def __init__(self, config: BuildConfig, out_dir: Path, first_shard: int, names: OutputNames) -> None:
         self.config = config
         self.out_dir = out_dir
+        self.names = names
+        self.journal = out_dir / names.journal
         self.shard = first_shard
         self.handle: Any = None
         self.tar: tarfile.TarFile | None = None
@@ -787,11 +947,11 @@ class _ShardSink:
 
     @property
     def _tmp_path(self) -> Path:
-        return self.out_dir / (SHARD_PATTERN.format(shard=self.shard) + ".tmp")
+        return self.out_dir / (self.names.shard(self.shard) + ".tmp")
 
     def _open(self) -> None:
         # Journal the name first: whatever a kill leaves under it is provably this build's to remove.
-        _append_journal(self.out_dir, {"type": "open", "name": SHARD_PATTERN.format(shard=self.shard)})
+        _append_journal(self.journal, {"type": "open", "name": self.names.shard(self.shard)})
         self.handle = open(self._tmp_path, "wb")  # noqa: SIM115 (open across many write calls, closed in finish)
         self.tar = tarfile.open(fileobj=self.handle, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.keys, self.member_bytes = [], 0
@@ -858,7 +1018,7 @@ class _ShardSink:
         self.handle.close()
         self.tar = self.handle = None
         tmp_path = self._tmp_path
-        final = self.out_dir / SHARD_PATTERN.format(shard=self.shard)
+        final = self.out_dir / self.names.shard(self.shard)
         os.replace(tmp_path, final)
         record = _ShardRecord(
             name=final.name,
@@ -869,7 +1029,7 @@ class _ShardSink:
             last_index=self.last_processed,  # rejected rows after the last sample are recorded here too
             rejected=[dataclasses.asdict(r) for r in self.pending_rejections],
         )
-        _append_journal(self.out_dir, {"type": "shard", **dataclasses.asdict(record)})
+        _append_journal(self.journal, {"type": "shard", **dataclasses.asdict(record)})
         self.finished.append(record)
         self.pending_rejections = []
         self.shard += 1
@@ -933,12 +1093,22 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
         BuildEnvironmentError: no decoder works on this machine (shards finished so far are kept for a resume).
     """
     out_dir = Path(config.out_dir)
+    names = OutputNames.for_part(config.part)
     # Read the CSV first: a schema error must not leave an output folder or a journal behind.
-    rows, rejected = read_csv_rows(config)
+    read = _read_rows(config)
+    rows, rejected = read.rows, read.rejected
     fingerprint = config.fingerprint()
     decoder = _log_decoder(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    finished = _claim_out_dir(out_dir, fingerprint, overwrite)
+    finished = _claim_out_dir(out_dir, fingerprint, overwrite, names)
+    if config.part is not None:
+        logger.info(
+            "part %d/%d: records %d-%d of %d (%d rows to probe)",
+            *config.part,
+            *read.bounds,
+            read.num_records,
+            len(rows),
+        )
 
     resume_index = finished[-1].last_index if finished else -1
     done_keys = {key for record in finished for key in record.keys}
@@ -947,7 +1117,7 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
     if finished:
         logger.info("resuming %s: %d finished shards kept, %d rows left", out_dir, len(finished), len(todo))
 
-    sink = _ShardSink(config, out_dir, first_shard=len(finished))
+    sink = _ShardSink(config, out_dir, first_shard=len(finished), names=names)
     requests = (
         ProbeRequest(
             row.index,
@@ -997,9 +1167,14 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
         total_bytes=sum(record.bytes for record in records),
         rejected=all_rejected,
         resumed_shards=len(finished),
+        manifest_name=names.manifest,
     )
     _check_not_all_crashed(all_rejected, report.num_samples)
-    _write_manifest(config, fingerprint, report, records, num_rows=len(rows) + len(rejected), decoder=decoder)
+    part = None
+    if config.part is not None:
+        part = {"index": config.part[0], "count": config.part[1], "records": list(read.bounds)}
+        part["records_in_file"] = read.num_records
+    _write_manifest(config, fingerprint, report, records, len(rows) + len(rejected), decoder, names=names, part=part)
     return report
 
 
@@ -1010,6 +1185,8 @@ def _write_manifest(
     records: list[_ShardRecord],
     num_rows: int,
     decoder: str,
+    names: OutputNames,
+    part: dict[str, Any] | None = None,
 ) -> None:
     reasons: dict[str, int] = {}
     for rejection in report.rejected:
@@ -1040,13 +1217,20 @@ def _write_manifest(
         ],
         "rejected": [dataclasses.asdict(rejection) for rejection in report.rejected],
     }
-    tmp = report.out_dir / (MANIFEST_NAME + ".tmp")
+    if part is not None:
+        manifest["part"] = part
+    write_manifest_files(report.out_dir, manifest, names.manifest, names.rejected)
+
+
+def write_manifest_files(out_dir: Path, manifest: dict[str, Any], manifest_name: str, rejected_name: str) -> None:
+    """Write ``manifest`` (atomically) and its rejected rows as CSV."""
+    tmp = out_dir / (manifest_name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, report.out_dir / MANIFEST_NAME)
-    with open(report.out_dir / REJECTED_NAME, "w", newline="", encoding="utf-8") as handle:
+    os.replace(tmp, out_dir / manifest_name)
+    with open(out_dir / rejected_name, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["line", "video", "stage", "reason"])
-        writer.writerows((r.line, r.video, r.stage, r.reason) for r in report.rejected)
+        writer.writerows((r["line"], r["video"], r["stage"], r["reason"]) for r in manifest["rejected"])
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:

