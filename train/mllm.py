@@ -38,6 +38,7 @@ from genvis.training import (
     progress_bar,
     setup_accelerator,
 )
+from genvis.training.lora import save_vision_language_lora
 
 logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mllm" / "tiny.yaml"
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def export(folder: Path) -> None:
         acc.unwrap_model(model).save_pretrained(folder / "model")
+        save_vision_language_lora(acc.unwrap_model(model), folder / "model")  # + peft's layout in model/lora
 
     if config.checkpoint.resume:
         ckpt.resume()
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(f"metrics: {metrics}", main_process_only=True)
         acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=ckpt.state.step)
         unwrapped.save_pretrained(out / "model")
+        save_vision_language_lora(unwrapped, out / "model")  # + peft's layout in model/lora
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     acc.end_training()
     return metrics

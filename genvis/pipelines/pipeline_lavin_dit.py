@@ -198,6 +198,65 @@ class GenvisPipelineMixin:
             config["_class_name"] = name[1]
         return loaded
 
+    # ------------------------------------------------------------------------------------------------------------
+    # LoRA (diffusers' load_lora_weights contract for the transformer)
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict,
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        prefix: str | None = "transformer",
+        **kwargs,
+    ) -> None:
+        """Load a LoRA adapter into ``self.transformer``, like diffusers pipelines' ``load_lora_weights``.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a local folder (diffusers' ``pytorch_lora_weights.safetensors``,
+                else peft's ``adapter_model.safetensors``; what the train scripts write to ``<output_dir>/lora``),
+                a ``.safetensors`` file, or a state dict.
+            adapter_name: peft adapter name; default ``default_<n>`` (diffusers' naming).
+            weight_name: a file in the folder to read instead of the default ones.
+            prefix: key prefix of diffusers-layout weights.
+
+        Raises:
+            ValueError: an unsupported option, a source that does not exist, or weights that do not fit the
+                transformer (the source and the keys are named; nothing is loaded).
+        """
+        from genvis.training.lora import load_lora_weights_into
+
+        unsupported = sorted(kwargs)
+        if unsupported:
+            raise ValueError(f"{type(self).__name__}.load_lora_weights: unsupported options {unsupported}")
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, (str, os.PathLike)) and not Path(source).exists():
+            raise ValueError(
+                f"{type(self).__name__}.load_lora_weights: {source} does not exist (a local folder or file is "
+                "expected; download a Hub repo first with huggingface_hub.snapshot_download)"
+            )
+        if adapter_name is None:
+            adapter_name = f"default_{len(self.get_list_adapters())}"
+        load_lora_weights_into(self.transformer, source, adapter_name, prefix=prefix, weight_name=weight_name)
+
+    def get_list_adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded into the transformer."""
+        from peft.tuners.lora import LoraLayer
+
+        names: dict[str, None] = {}
+        for module in self.transformer.modules():
+            if isinstance(module, LoraLayer):
+                names.update(dict.fromkeys(module.lora_A))
+        return list(names)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA adapter from the transformer (its layers become the plain base layers again)."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in list(self.transformer.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.transformer.get_submodule(parent_name) if parent_name else self.transformer
+                setattr(parent, child, module.get_base_layer())
+
 
 @dataclass
 class LaVinDiTPipelineOutput(BaseOutput):
