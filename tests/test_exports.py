@@ -327,3 +327,42 @@ def test_documented_loading_snippet_runs(exports, tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, f"documented snippet failed:\n{proc.stderr[-3000:]}"
+
+
+def test_model_card_parses(exports, tmp_path):
+    """Every export carries README.md with Hub front matter; the training command and metrics appear when passed."""
+    from huggingface_hub import ModelCard
+
+    from genvis.pipelines import read_model_card
+
+    _, get = exports
+    for family, tag in (("lavin-pixel", "image-to-image"), ("mvdit-pixel", "text-to-video")):
+        folder, _ = get(family)
+        front, body = read_model_card(folder)
+        assert front["library_name"] == "diffusers" and front["pipeline_tag"] == tag
+        assert front["license"] == "apache-2.0" and "genvis" in front["tags"]
+        assert "trust_remote_code=True" in body and "| `transformer` |" in body
+        card = ModelCard.load(folder / "README.md")  # the Hub's own parser
+        assert card.data.library_name == "diffusers" and card.data.pipeline_tag == tag
+
+    pipe = build_pipeline("lavin-pixel")
+    command = "accelerate launch train/lavin_dit.py --config train/configs/lavin_dit/tiny.yaml"
+    metrics = {"context_psnr": 21.3456, "tasks_beating_copy": 7, "note": "36 held-out episodes"}
+    pipe.save_pretrained(
+        tmp_path / "carded",
+        model_card={"command": command, "metrics": metrics, "tags": ["tiny"], "license": "mit", "base_model": "x/y"},
+    )
+    front, body = read_model_card(tmp_path / "carded")
+    assert (front["license"], front["base_model"]) == ("mit", "x/y") and front["tags"][-1] == "tiny"
+    assert f"```bash\n{command}\n```" in body and "| context_psnr | 21.35 |" in body
+    assert json.loads(body.split("```json\n", 1)[1].split("```", 1)[0]) == metrics
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "pipelines.md").read_text()
+    snippet = docs.split("## Model card", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert snippet.count('"runs/lavin_dit/pipeline"') == 1, "the documented snippet changed: update this test"
+    exec(snippet.replace('"runs/lavin_dit/pipeline"', repr(str(tmp_path / "documented"))), {"pipe": pipe})
+    front, body = read_model_card(tmp_path / "documented")
+    assert front["tags"][-1] == "tiny" and "| tasks_beating_copy | 7 |" in body and "train/lavin_dit.py" in body
+    with pytest.raises(ValueError, match=r"model_card: unknown options \['metric'\]"):
+        pipe.save_pretrained(tmp_path / "bad", model_card={"metric": {}})
+    with pytest.raises(ValueError, match=r"\['repo_id'\] only apply with push_to_hub=True"):
+        pipe.save_pretrained(tmp_path / "bad", repo_id="me/x")

@@ -8,6 +8,7 @@ from genvis.pipelines.lavin_dit_evaluation import (
     evaluate_reliance,
     psnr,
 )
+from genvis.pipelines.model_card import read_model_card, write_model_card
 from genvis.pipelines.pipeline_lavin_dit import GenvisPipelineMixin, LaVinDiTPipeline, LaVinDiTPipelineOutput
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "evaluate_in_context",
     "evaluate_reliance",
     "psnr",
+    "read_model_card",
+    "write_model_card",
 ]
 
 # Other families load on first use, so importing one model does not import (and pay for) all of them.

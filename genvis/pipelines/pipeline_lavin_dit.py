@@ -83,6 +83,53 @@ class GenvisPipelineMixin:
     """
 
     _class_name_as_list: bool = True
+    _model_card_pipeline_tag: ClassVar[str | None] = (
+        None  # the Hub task of the model card (genvis.pipelines.model_card)
+    )
+    _model_card_tags: ClassVar[tuple[str, ...]] = ()
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        push_to_hub: bool = False,
+        model_card: dict | None = None,
+        **kwargs,
+    ) -> None:
+        """diffusers' ``save_pretrained`` plus a model card, ``README.md`` (:mod:`genvis.pipelines.model_card`).
+
+        Args:
+            save_directory: the export folder.
+            push_to_hub: upload the folder (card included) to ``repo_id`` (default the folder's name) with
+                ``token`` / ``private`` / ``commit_message`` / ``create_pr``, like diffusers; diffusers' own push
+                would replace the card with its generic one.
+            model_card: card options: ``command`` (the training command), ``metrics`` (``{name: value}``),
+                ``license``, ``tags``, ``description``, ``base_model``, ``datasets``.
+            *args, **kwargs: diffusers' ``save_pretrained`` options (``safe_serialization``, ``variant``, ...).
+        """
+        from genvis.pipelines.model_card import write_model_card
+
+        hub = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
+            if key in kwargs
+        }
+        if hub and not push_to_hub:
+            raise ValueError(f"save_pretrained: {sorted(hub)} only apply with push_to_hub=True")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_model_card(save_directory, self, **(model_card or {}))
+        if push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = hub.get("repo_id", Path(save_directory).name)
+            repo_id = create_repo(repo_id, exist_ok=True, private=hub.get("private"), token=hub.get("token")).repo_id
+            self._upload_folder(
+                save_directory,
+                repo_id,
+                token=hub.get("token"),
+                commit_message=hub.get("commit_message"),
+                create_pr=hub.get("create_pr", False),
+            )
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """diffusers' ``model_index.json`` plus the loader module (see the class doc)."""
@@ -283,6 +330,8 @@ class LaVinDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "vae->transformer"
+    _model_card_pipeline_tag = "image-to-image"
+    _model_card_tags = ("lavin-dit", "in-context-generation", "video-to-video")
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "condition", "uncondition"]
 
     def __init__(

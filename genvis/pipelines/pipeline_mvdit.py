@@ -274,6 +274,8 @@ class MVDiTPipeline(GenvisPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _model_card_pipeline_tag = "text-to-video"
+    _model_card_tags = ("mvdit", "text-to-video")
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "prompt_attention_mask"]
 
     def __init__(
