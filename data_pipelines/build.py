@@ -118,6 +118,10 @@ def part_tag(part: tuple[int, int]) -> str:
     return f"part{index:0{width}d}of{count:0{width}d}"
 
 
+ENGINES = ("local", "ray")
+PROBES_NAME = ".build_probes.jsonl"  # --engine ray: probe results of the finished partitions
+
+
 @dataclass(frozen=True)
 class OutputNames:
     """The file names one build writes in ``--out``: the whole build's, or a part's (every name carries the part, so
@@ -127,12 +131,14 @@ class OutputNames:
         journal: append-only resume journal.
         manifest: ``manifest.json`` (a part: ``manifest.partIofN.json``).
         rejected: ``rejected.csv`` (a part: ``rejected.partIofN.csv``).
+        probes: ``--engine ray``'s probe journal.
         shard_prefix: put before ``{shard:06d}.tar`` (a part: ``partIofN-``).
     """
 
     journal: str
     manifest: str
     rejected: str
+    probes: str = PROBES_NAME
     shard_prefix: str = ""
 
     @classmethod
@@ -145,6 +151,7 @@ class OutputNames:
             journal=f"{stem}.{tag}{suffix}",
             manifest=f"{os.path.splitext(MANIFEST_NAME)[0]}.{tag}.json",
             rejected=f"{os.path.splitext(REJECTED_NAME)[0]}.{tag}.csv",
+            probes=f"{os.path.splitext(PROBES_NAME)[0]}.{tag}.jsonl",
             shard_prefix=f"{tag}-",
         )
 
@@ -158,7 +165,7 @@ class OutputNames:
     @property
     def side(self) -> tuple[str, ...]:
         """The other names the build writes besides shards and the journal."""
-        return (self.manifest, self.manifest + ".tmp", self.rejected, self.journal + ".tmp")
+        return (self.manifest, self.manifest + ".tmp", self.rejected, self.journal + ".tmp", self.probes)
 
 
 # A part's journal (``.build_journal.partIofN.jsonl``); a whole build and parts never share one --out.
@@ -227,6 +234,11 @@ class BuildConfig:
             agree on frames, size and fps); the one used is recorded in the manifest.
         part: ``(I, N)``: build only part I (0-based) of N contiguous blocks of the records, under output names of
             that part (see the module docstring); None builds everything. Part of the resume fingerprint.
+        engine: ``local`` probes in this machine's worker processes; ``ray`` probes partitions as Ray tasks
+            (``data_pipelines.ray_engine``). The shards are the same; not part of the fingerprint (a build started
+            with one engine resumes with the other).
+        ray_address: the Ray cluster to join (``auto``, ``ray://host:10001``, ...); None starts a local instance.
+        partition_size: rows per Ray task, the unit of resume of the probes (``engine="ray"``).
     """
 
     csv_path: str
@@ -248,10 +260,17 @@ class BuildConfig:
     decoder: str = "auto"
     input_format: str = "auto"
     part: tuple[int, int] | None = None
+    engine: str = "local"
+    ray_address: str | None = None
+    partition_size: int = 256
 
     def __post_init__(self) -> None:
         if self.part is not None:
             self.part = check_part(self.part)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {list(ENGINES)}, got {self.engine!r}")
+        if self.partition_size < 1:
+            raise ValueError(f"partition_size: expected >= 1 rows, got {self.partition_size}")
         if self.shard_max_count < 1:
             raise ValueError(f"shard_max_count: expected >= 1, got {self.shard_max_count}")
         if self.shard_max_bytes is not None and self.shard_max_bytes < 1:
@@ -272,7 +291,10 @@ class BuildConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resume must agree on (worker count, timeout and probe hook may change between runs)."""
         fields = dataclasses.asdict(self)
-        for volatile in ("num_workers", "probe_timeout_s", "probe_fn", "out_dir", "decoder"):
+        for volatile in (
+            *("num_workers", "probe_timeout_s", "probe_fn", "out_dir", "decoder"),
+            *("engine", "ray_address", "partition_size"),
+        ):
             fields.pop(volatile)
         fields["ranges"] = {name: list(bounds) for name, bounds in sorted(self.ranges.items())}
         # The row format changes how the file parses; a CSV build leaves it out, so builds made before there was a
@@ -895,7 +917,7 @@ def _claim_out_dir(
     for name in sorted(journal.owned - keep):
         (out_dir / name).unlink(missing_ok=True)
     if overwrite:
-        for name in (names.manifest, names.rejected):
+        for name in (names.manifest, names.rejected, names.probes):
             (out_dir / name).unlink(missing_ok=True)
     _rewrite_journal(out_dir, names, fingerprint, finished)
     return finished
@@ -1099,6 +1121,15 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
     rows, rejected = read.rows, read.rejected
     fingerprint = config.fingerprint()
     decoder = _log_decoder(config)
+    if config.engine == "ray":
+        from data_pipelines.probe import resolve_probe_fn
+        from data_pipelines.ray_engine import RayUnavailableError, import_ray
+
+        resolve_probe_fn(config.probe_fn)  # a bad --probe-fn fails here, not in every Ray task
+        try:
+            import_ray()
+        except RayUnavailableError as error:
+            raise BuildEnvironmentError(str(error)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = _claim_out_dir(out_dir, fingerprint, overwrite, names)
     if config.part is not None:
@@ -1130,11 +1161,27 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
         )
         for row in todo
     )
-    pool = ProbePool(config.num_workers, config.probe_timeout_s, config.probe_fn)
+    pool = None
+    if config.engine == "ray":
+        from data_pipelines.ray_engine import ray_probe_results
+
+        results = ray_probe_results(
+            list(requests),
+            probe_journal=out_dir / names.probes,
+            header={"config": fingerprint, "probe_fn": config.probe_fn},
+            partition_size=config.partition_size,
+            timeout_s=config.probe_timeout_s,
+            probe_fn=config.probe_fn,
+            address=config.ray_address,
+            num_cpus=config.num_workers,
+        )
+    else:
+        pool = ProbePool(config.num_workers, config.probe_timeout_s, config.probe_fn)
+        results = pool.imap_unordered(requests)
     counts = {"ok": sum(record.count for record in finished), "rejected": 0}
     bar = tqdm(total=len(todo), desc=f"shards -> {out_dir}", unit="video", disable=not progress, file=sys.stderr)
     try:
-        for result in _ordered(pool.imap_unordered(requests), [row.index for row in todo]):
+        for result in _ordered(results, [row.index for row in todo]):
             row = by_index[result.index]
             if result.environment:
                 sink.finish()  # keep the samples written so far; a re-run resumes after them
@@ -1154,7 +1201,10 @@ def build_shards(config: BuildConfig, overwrite: bool = False, progress: bool = 
     finally:
         sink.close()
         bar.close()
-        pool.close()
+        if pool is not None:
+            pool.close()
+        else:
+            results.close()  # stops the Ray tasks (and a local Ray instance this build started)
 
     records = finished + sink.finished
     all_rejected = rejected + [Rejection(**r) for record in records for r in record.rejected]
@@ -1198,6 +1248,7 @@ def _write_manifest(
         "video_root": str(config.video_root),
         "config": fingerprint,
         "decoder": decoder,
+        "engine": config.engine,
         "num_rows": num_rows,
         "num_samples": report.num_samples,
         "num_rejected": len(report.rejected),

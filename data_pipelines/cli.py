@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from data_pipelines.build import (
+    ENGINES,
     RANGE_FILTERS,
     BuildConfig,
     BuildEnvironmentError,
@@ -140,6 +141,9 @@ def _config_from_args(args: argparse.Namespace, csv_path: str, video_root: str) 
         decoder=args.decoder,
         input_format=getattr(args, "input_format", "auto"),
         part=getattr(args, "part", None),
+        engine=getattr(args, "engine", "local"),
+        ray_address=getattr(args, "ray_address", None),
+        partition_size=getattr(args, "partition_size", 256),
     )
 
 
@@ -194,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="build only part I (counted from 0) of N contiguous blocks of the rows, e.g. for a slurm array "
         "--part $SLURM_ARRAY_TASK_ID/N with --array=0-(N-1); parts write partIofN-* names into one --out, each "
         "resumes on its own; then `genvis-shards merge OUT`",
+    )
+    engine = build.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local (default): probe in --workers processes here; ray: probe partitions of rows as Ray tasks on a "
+        "cluster (same shards; a partition is the unit of resume)",
+    )
+    engine.add_argument(
+        "--ray-address",
+        default=None,
+        help="--engine ray: cluster to join (auto = the one `ray start` made here; ray://host:10001); "
+        "default: start a local Ray instance with --workers CPUs",
+    )
+    engine.add_argument(
+        "--partition-size", type=int, default=256, help="--engine ray: rows per Ray task (default 256)"
     )
     _add_build_options(build)
 
