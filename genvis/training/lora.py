@@ -57,6 +57,7 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel's keys start with (PeftModel
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_PREFIX = "transformer"  # diffusers' default prefix for a pipeline's transformer
+EXPLORA_CONFIG = "explora_config.json"  # genvis.training.explora.CONFIG_FILE (that module imports this one)
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,12 @@ def load_lora_weights_into(
             state = {k[len(PEFT_PREFIX) :]: v for k, v in state.items() if k.startswith(PEFT_PREFIX)}
     else:
         path = Path(source)
+        if (path if path.is_dir() else path.parent).joinpath(EXPLORA_CONFIG).is_file():
+            raise ValueError(
+                f"LoRA adapter {path}: this folder holds an ExPLoRA run; its adapters alone are not the trained model "
+                f"(the unfrozen blocks are in its explora_trainable.safetensors): load it with "
+                "genvis.training.explora.load_explora(model, folder)"
+            )
         if path.is_dir() and weight_name is not None:
             path = path / weight_name
         if path.is_file():

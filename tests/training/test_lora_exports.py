@@ -295,6 +295,16 @@ def test_a_folder_that_does_not_fit_is_an_error_naming_folder_and_keys(saved):
         load_lora(model, root / "pipeline")
     assert pipe.get_list_adapters() == []
 
+    from genvis.models import LaVinDiTTransformer3DModel
+    from genvis.training.explora import explora, save_explora
+
+    model = LaVinDiTTransformer3DModel(
+        in_channels=12, num_layers=2, num_attention_heads=2, num_kv_heads=1, attention_head_dim=12
+    )
+    save_explora(model, root / "explora", explora(model, unfreeze_blocks=[-1], lora_rank=2))
+    with pytest.raises(ValueError, match=r"holds an ExPLoRA run.*load_explora"):  # its adapters alone: half a model
+        pipe.load_lora_weights(root / "explora")
+
 
 def test_old_genvis_layout_is_converted_on_load(saved, tmp_path, caplog):
     """genvis used to write adapter_model.safetensors keyed ``<layer>.lora_A.weight`` (peft loaded nothing from it)."""
