@@ -261,7 +261,8 @@ class GenvisPipelineMixin:
             pretrained_model_name_or_path_or_dict: a local folder (diffusers' ``pytorch_lora_weights.safetensors``,
                 else peft's ``adapter_model.safetensors``; what the train scripts write to ``<output_dir>/lora``),
                 a ``.safetensors`` file, or a state dict.
-            adapter_name: peft adapter name; default ``default_<n>`` (diffusers' naming).
+            adapter_name: peft adapter name; default ``default_<n>`` (diffusers' naming). As in diffusers, the adapter
+                just loaded becomes the active one; :meth:`set_adapters` activates several.
             weight_name: a file in the folder to read instead of the default ones.
             prefix: key prefix of diffusers-layout weights.
 
@@ -294,6 +295,23 @@ class GenvisPipelineMixin:
                 names.update(dict.fromkeys(module.lora_A))
         return list(names)
 
+    def set_adapters(self, adapter_names: str | list[str]) -> None:
+        """Make these loaded LoRA adapters the active ones (their outputs add up; the others are skipped).
+
+        Raises:
+            ValueError: a name that is not loaded (the loaded ones are named).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        loaded = self.get_list_adapters()
+        unknown = [name for name in names if name not in loaded]
+        if unknown or not names:
+            raise ValueError(f"set_adapters: {unknown or names} not among the loaded adapters {loaded}")
+        for module in self.transformer.modules():
+            if isinstance(module, LoraLayer):
+                module.set_adapter(names)
+
     def unload_lora_weights(self) -> None:
         """Remove every LoRA adapter from the transformer (its layers become the plain base layers again)."""
         from peft.tuners.lora import LoraLayer
@@ -303,6 +321,8 @@ class GenvisPipelineMixin:
                 parent_name, _, child = name.rpartition(".")
                 parent = self.transformer.get_submodule(parent_name) if parent_name else self.transformer
                 setattr(parent, child, module.get_base_layer())
+        if "peft_config" in vars(self.transformer):  # peft's record of the injected adapters
+            del self.transformer.peft_config
 
 
 @dataclass

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +311,9 @@ def _apply(model: nn.Module, state: dict, config: LoraConfig, adapter_name: str,
     if any(isinstance(m, LoraLayer) and adapter_name in m.lora_A for m in modules.values()):
         raise ValueError(f"LoRA adapter {label}: {name} already has an adapter named {adapter_name!r}")
     try:
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        with warnings.catch_warnings():  # a second adapter is deliberate here (named, checked above)
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
     except ValueError as err:
         raise ValueError(
             f"LoRA adapter {label}: target_modules {config.target_modules!r} match no layer of {name}: {err}"

@@ -287,6 +287,23 @@ def test_a_folder_that_does_not_fit_is_an_error_naming_folder_and_keys(saved):
     torch.testing.assert_close(_run(model, inputs["mvdit"]), references["mvdit"]["base"])
 
     pipe = LaVinDiTPipeline.from_pretrained(root / "pipeline")
+    args = inputs["lavin"]
+    pipe.load_lora_weights(root / "lavin" / "lora")
+    pipe.load_lora_weights(root / "lavin" / "lora", adapter_name="again")  # the last one loaded is active
+    assert pipe.get_list_adapters() == ["default_0", "again"]
+    torch.testing.assert_close(_run(pipe.transformer, args), references["lavin"]["adapted"])
+    pipe.set_adapters(["default_0", "again"])  # two equal adapters active: B A counted twice, as with 2 B
+    doubled, _ = _lavin()
+    load_lora(doubled, root / "lavin" / "lora")
+    with torch.no_grad():
+        for name, param in doubled.named_parameters():
+            if "lora_B" in name:
+                param.mul_(2)
+    torch.testing.assert_close(_run(pipe.transformer, args), _run(doubled, args), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"\['nope'\] not among the loaded adapters \['default_0', 'again'\]"):
+        pipe.set_adapters("nope")
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(_run(pipe.transformer, args), references["lavin"]["base"])
     with pytest.raises(ValueError, match=r"no key starts with 'unet\.'"):
         pipe.load_lora_weights(root / "lavin" / "lora", prefix="unet")
     with pytest.raises(ValueError, match=r"load_lora_weights: .*nope does not exist"):
