@@ -109,6 +109,12 @@ class GenvisPipelineMixin:
         """
         from genvis.pipelines.model_card import write_model_card
 
+        adapters = self.get_list_adapters() if hasattr(self, "transformer") else []
+        if adapters:
+            raise ValueError(
+                f"save_pretrained: the transformer holds LoRA adapters {adapters}, which a {type(self).__name__} "
+                "folder cannot record; call pipe.fuse_lora() to fold them into the weights, or unload_lora_weights()"
+            )
         hub = {
             key: kwargs.pop(key)
             for key in ("repo_id", "token", "private", "commit_message", "create_pr")
@@ -311,6 +317,17 @@ class GenvisPipelineMixin:
         for module in self.transformer.modules():
             if isinstance(module, LoraLayer):
                 module.set_adapter(names)
+
+    def fuse_lora(self) -> None:
+        """Fold the active LoRA adapters into the transformer's weights and drop the adapter layers (inactive ones
+        are discarded), so ``save_pretrained`` writes a plain transformer."""
+        from genvis.training.lora import merge_lora
+
+        if not self.get_list_adapters():
+            raise ValueError(f"fuse_lora: {type(self).__name__}'s transformer holds no LoRA adapter")
+        self.transformer = merge_lora(self.transformer)
+        if "peft_config" in vars(self.transformer):
+            del self.transformer.peft_config
 
     def unload_lora_weights(self) -> None:
         """Remove every LoRA adapter from the transformer (its layers become the plain base layers again)."""

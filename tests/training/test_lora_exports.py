@@ -302,8 +302,16 @@ def test_a_folder_that_does_not_fit_is_an_error_naming_folder_and_keys(saved):
     torch.testing.assert_close(_run(pipe.transformer, args), _run(doubled, args), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"\['nope'\] not among the loaded adapters \['default_0', 'again'\]"):
         pipe.set_adapters("nope")
+    with pytest.raises(ValueError, match=r"holds LoRA adapters \['default_0', 'again'\].*fuse_lora"):
+        pipe.save_pretrained(root / "unsaved")
     pipe.unload_lora_weights()
     torch.testing.assert_close(_run(pipe.transformer, args), references["lavin"]["base"])
+    pipe.load_lora_weights(root / "lavin" / "lora")
+    pipe.fuse_lora()  # merged into plain weights: the export is an ordinary pipeline folder
+    pipe.save_pretrained(root / "fused")
+    fused = LaVinDiTPipeline.from_pretrained(root / "fused").transformer
+    torch.testing.assert_close(_run(fused, args), references["lavin"]["merged"])
+    pipe = LaVinDiTPipeline.from_pretrained(root / "pipeline")
     with pytest.raises(ValueError, match=r"no key starts with 'unet\.'"):
         pipe.load_lora_weights(root / "lavin" / "lora", prefix="unet")
     with pytest.raises(ValueError, match=r"load_lora_weights: .*nope does not exist"):
