@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -339,7 +340,7 @@ class LaVinDiTFinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin):
+class LaVinDiTTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """The LaVin-DiT J-DiT: predicts the rectified-flow velocity of target latents given clean in-context latents.
 
     Args:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.embeddings import (
     PixArtAlphaTextProjection,
     TimestepEmbedding,
@@ -192,7 +193,7 @@ class MVDiTBlock(nn.Module):
         return hidden_states, encoder_hidden_states
 
 
-class MVDiTTransformer3DModel(ModelMixin, ConfigMixin):
+class MVDiTTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """MVDiT denoiser over video latents ``(B, C, T, H, W)`` conditioned on text-encoder hidden states.
 
     Args:
