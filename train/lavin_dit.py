@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Sampler
 
 from genvis.diffusion import RectifiedFlow, encode_episodes, sample_generators, vae_compression
+from genvis.layers.lora import LoRAOptions, add_lora, merge_lora, save_lora
 from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
 from genvis.models.lavin_dit import LAVIN_DIT_PRESETS
 from genvis.pipelines import LaVinDiTPipeline, episode_grid_row, evaluate_in_context, evaluate_reliance
@@ -49,7 +50,6 @@ from genvis.training import (
     progress_bar,
     setup_accelerator,
 )
-from genvis.training.lora import LoRAOptions, add_lora, merge_lora, save_lora
 from genvis.training.optim import build_optimizer
 from genvis.training.repa import REPAOptions, build_repa
 

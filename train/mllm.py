@@ -27,6 +27,7 @@ from accelerate.logging import get_logger
 from diffusers.optimization import get_scheduler
 
 from genvis.data import procedural_scene, procedural_video
+from genvis.layers.lora import save_vision_language_lora
 from genvis.models.vision_tower import VisionLanguageModel, VisionLanguageProcessor, tiny_text_config
 from genvis.training import (
     CheckpointConfig,
@@ -38,7 +39,6 @@ from genvis.training import (
     progress_bar,
     setup_accelerator,
 )
-from genvis.training.lora import save_vision_language_lora
 
 logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mllm" / "tiny.yaml"

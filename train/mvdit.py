@@ -40,6 +40,7 @@ from data_pipelines.datasets import ensure_builtin_shards
 from genvis.data.builtin import VideoAttributes, attribute_combinations
 from genvis.data.loaders import ClipConfig, make_video_loader
 from genvis.diffusion.text_to_video import TextToVideoObjective
+from genvis.layers.lora import LoRAOptions, add_lora, merge_lora, save_lora
 from genvis.models.autoencoder_pixel_unshuffle import PixelUnshuffleAutoencoder
 from genvis.models.mvdit import MVDIT_PRESETS, MVDiTTransformer3DModel
 from genvis.pipelines.mvdit_evaluation import ATTRIBUTES, caption_following_report, labelled_clip_grid
@@ -63,7 +64,6 @@ from genvis.training import (
     progress_bar,
     setup_accelerator,
 )
-from genvis.training.lora import LoRAOptions, add_lora, merge_lora, save_lora
 from genvis.training.optim import build_optimizer
 from genvis.training.repa import REPAOptions, build_repa
 from genvis.vae import AutoencoderKLSTVAE, build_st_vae

@@ -242,7 +242,8 @@ class RectifiedFlow:
             the ``1 / (1 - t)`` blow-up near t = 1).
         loss_normalization: ``"none"`` (official) or ``"copy"`` (genvis: each sample's loss divided by its
             copy-the-query error ``mean((x - query)^2)``, floored at :data:`COPY_ERROR_FLOOR`, with weights of batch
-            mean 1, so near-identity tasks, whose answers differ little from the query, weigh as much as the others).
+            mean 1 over the global batch (all-reduced under torch.distributed, so N ranks train as one process), so
+            near-identity tasks, whose answers differ little from the query, weigh as much as the others).
     """
 
     def __init__(
@@ -283,8 +284,15 @@ class RectifiedFlow:
             errors.append(((target - query) ** 2).mean().float() if same else torch.tensor(float("nan")))
         errors = torch.stack(errors).to(targets[0].device)
         weights = 1.0 / errors.clamp_min(COPY_ERROR_FLOOR)
-        weights = torch.where(errors.isnan(), torch.ones_like(weights), weights)
-        return (weights / weights.mean()).detach()
+        weights = torch.where(errors.isnan(), torch.ones_like(weights), weights).detach()
+        # batch mean 1 over the GLOBAL batch, so N data-parallel ranks train exactly like one process (a collective:
+        # under torch.distributed every rank must call training_loss, as every DDP training step does)
+        total = torch.stack(
+            [weights.double().sum(), torch.tensor(float(len(weights)), device=weights.device).double()]
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        return weights / (total[0] / total[1]).to(weights.dtype)
 
     def _result(self, per_sample, weights, timesteps, prediction, velocity) -> RectifiedFlowLoss:
         if weights is not None:

@@ -276,7 +276,7 @@ class GenvisPipelineMixin:
             ValueError: an unsupported option, a source that does not exist, or weights that do not fit the
                 transformer (the source and the keys are named; nothing is loaded).
         """
-        from genvis.training.lora import load_lora_weights_into
+        from genvis.layers.lora import load_lora_weights_into
 
         unsupported = sorted(kwargs)
         if unsupported:
@@ -321,7 +321,7 @@ class GenvisPipelineMixin:
     def fuse_lora(self) -> None:
         """Fold the active LoRA adapters into the transformer's weights and drop the adapter layers (inactive ones
         are discarded), so ``save_pretrained`` writes a plain transformer."""
-        from genvis.training.lora import merge_lora
+        from genvis.layers.lora import merge_lora
 
         if not self.get_list_adapters():
             raise ValueError(f"fuse_lora: {type(self).__name__}'s transformer holds no LoRA adapter")

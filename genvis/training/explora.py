@@ -3,8 +3,8 @@
 ExPLoRA (Khanna et al., arXiv 2406.10973) continues the pre-training of a frozen foundation model on a new domain by
 training a small part of it: a few named blocks are unfrozen completely, every other block gets LoRA adapters on its
 attention projections (the paper: Q and V), and all normalisation layers are unfrozen. :func:`explora` applies that
-recipe in place; it reuses the peft injection of :mod:`genvis.training.lora`, so the adapted model starts equal to the
-base model, and :func:`genvis.training.lora.merge_lora` folds the adapters back into plain weights for
+recipe in place; it reuses the peft injection of :mod:`genvis.layers.lora`, so the adapted model starts equal to the
+base model, and :func:`genvis.layers.lora.merge_lora` folds the adapters back into plain weights for
 ``save_pretrained``.
 
 Blocks are addressed by index into the model's block list (``blocks`` for the ViT and MVDiT, ``transformer_blocks``
@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genvis.layers import RMSNorm
-from genvis.training.lora import add_lora, load_lora, save_lora
+from genvis.layers.lora import add_lora, load_lora, save_lora
 
 __all__ = ["ExploraConfig", "explora", "explora_parameters", "load_explora", "save_explora"]
 

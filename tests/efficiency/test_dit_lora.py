@@ -1,4 +1,4 @@
-"""LoRA on both DiTs (genvis.training.lora) and the train scripts' optim / repa / lora options."""
+"""LoRA on both DiTs (genvis.layers.lora) and the train scripts' optim / repa / lora options."""
 
 import importlib.util
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from genvis.layers.lora import add_lora, load_lora, lora_parameters, merge_lora, save_lora
 from genvis.models import LaVinDiTTransformer3DModel
 from genvis.models.mvdit import MVDIT_PRESETS, MVDiTTransformer3DModel
-from genvis.training.lora import add_lora, load_lora, lora_parameters, merge_lora, save_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from genvis.encoders import VisionTransformerModel
+from genvis.layers.lora import merge_lora
 from genvis.models.lavin_dit import LAVIN_DIT_PRESETS, LaVinDiTTransformer3DModel
 from genvis.models.mvdit import MVDIT_PRESETS, MVDiTTransformer3DModel
 from genvis.training.explora import explora, explora_parameters, load_explora, save_explora
-from genvis.training.lora import merge_lora
 
 
 def _encoder(seed=0):

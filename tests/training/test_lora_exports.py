@@ -1,4 +1,4 @@
-"""LoRA folders written by genvis.training.lora.save_lora load through each library's own loader and change the output.
+"""LoRA folders written by genvis.layers.lora.save_lora load through each library's own loader and change the output.
 
 Nothing is trained: a tiny LaVin-DiT and a tiny MVDiT get a LoRA adapter whose weights are perturbed, the base model
 and the adapter are saved, and one *fresh* Python process loads the adapter with
@@ -6,7 +6,7 @@ and the adapter are saved, and one *fresh* Python process loads the adapter with
 - peft: ``PeftModel.from_pretrained(base, folder)``;
 - diffusers: ``model.load_lora_adapter(folder, use_safetensors=True)`` (default prefix ``transformer``) on a class
   with diffusers' ``PeftAdapterMixin`` (the genvis class itself once it has the mixin, else a subclass adding it);
-- genvis: ``genvis.training.lora.load_lora``;
+- genvis: ``genvis.layers.lora.load_lora``;
 - the LaVin-DiT pipeline: ``pipe.load_lora_weights(folder)``;
 - an MLLM's language model (``<model>/language_model``, transformers): ``PeftModel.from_pretrained`` and transformers'
   ``load_adapter`` on ``<model>/lora`` (written by ``save_vision_language_lora`` next to genvis' own file).
@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from genvis.training.lora import add_lora, load_lora, merge_lora, save_lora
+from genvis.layers.lora import add_lora, load_lora, merge_lora, save_lora
 
 SCRIPT = r"""
 import importlib
@@ -66,7 +66,7 @@ def main(spec_path, out_path):
     from diffusers.loaders.peft import PeftAdapterMixin
     from peft import PeftModel
 
-    from genvis.training.lora import load_lora
+    from genvis.layers.lora import load_lora
 
     inputs = torch.load(spec["inputs"])
     outputs, report = {}, {}
@@ -199,8 +199,8 @@ def saved(tmp_path_factory):
             references["pipeline_base"] = run_pipe(pipe)
             pipe.transformer = merged
             references["pipeline_merged"] = run_pipe(pipe)
+    from genvis.layers.lora import save_vision_language_lora
     from genvis.models.vision_tower import VisionLanguageModel
-    from genvis.training.lora import save_vision_language_lora
 
     torch.manual_seed(0)
     mllm = VisionLanguageModel.from_configs().eval()
@@ -340,9 +340,9 @@ def test_old_genvis_layout_is_converted_on_load(saved, tmp_path, caplog):
     state = load_file(root / "lavin" / "lora" / "adapter_model.safetensors")
     save_file({k[len("base_model.model.") :]: v for k, v in state.items()}, old / "adapter_model.safetensors")
     model, _ = _lavin()
-    with caplog.at_level(logging.INFO, logger="genvis.training.lora"):
+    with caplog.at_level(logging.INFO, logger="genvis.layers.lora"):
         load_lora(model, old)
-    notes = [r.getMessage() for r in caplog.records if r.name == "genvis.training.lora"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "genvis.layers.lora"]
     assert len(notes) == 1 and "old layout" in notes[0] and str(old) in notes[0]
     torch.testing.assert_close(_run(model, inputs["lavin"]), references["lavin"]["adapted"])
 

@@ -177,7 +177,7 @@ def _read_peft_folder(folder: Path) -> tuple[dict[str, torch.Tensor], LoraConfig
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "no such folder"
         raise ValueError(
             f"LoRA adapter {folder}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (peft's layout, written by "
-            f"genvis.training.lora.save_lora), missing {missing}; found {found}"
+            f"genvis.layers.lora.save_lora), missing {missing}; found {found}"
         )
     config = LoraConfig.from_pretrained(str(folder))
     state = load_file(folder / ADAPTER_WEIGHTS)
@@ -192,7 +192,7 @@ def _read_peft_folder(folder: Path) -> tuple[dict[str, torch.Tensor], LoraConfig
         )
     logger.info(
         f"LoRA adapter {folder}: genvis' old layout (keys without peft's {PEFT_PREFIX!r} prefix), converted on load; "
-        "save it again with genvis.training.lora.save_lora for peft / diffusers to read it"
+        "save it again with genvis.layers.lora.save_lora for peft / diffusers to read it"
     )
     return state, config
 
