@@ -19,6 +19,8 @@ complete one; the end exports ``<output_dir>/pipeline`` (``LaVinDiTPipeline.save
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -346,9 +348,20 @@ def main() -> None:
                         main_process_only=True)  # fmt: skip
         accelerator.wait_for_everyone()
 
+    def model_card() -> dict:
+        """The export's README.md: the command that trained it and the latest held-out scores (with their step)."""
+        card = {"command": shlex.join(["accelerate", "launch", "train/lavin_dit.py", *sys.argv[1:]])}
+        if (out / "eval.json").is_file():
+            summary = json.loads((out / "eval.json").read_text())
+            card["metrics"] = {
+                key: summary[key] for key in ("step", "context_reliance", "query_reliance") if key in summary
+            }
+            card["metrics"]["tasks_beating_copy"] = sum(task["beats_copy"] for task in summary["tasks"].values())
+        return card
+
     def export(folder: Path) -> None:
         with ema_weights(ema, accelerator.unwrap_model(model)):
-            make_pipeline().save_pretrained(folder / "pipeline")
+            make_pipeline().save_pretrained(folder / "pipeline", model_card=model_card())
         if lora_config is not None:
             save_lora(accelerator.unwrap_model(model), folder / "lora", lora_config)
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -463,9 +465,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def export(folder: Path) -> None:
+    def model_card(scores: dict | None = None) -> dict:
+        """The export's README.md: the command that trained it and, at the end, the caption-following scores."""
+        card = {
+            "command": shlex.join(
+                ["accelerate", "launch", "train/mvdit.py", *(sys.argv[1:] if argv is None else argv)]
+            )
+        }
+        if scores:
+            card["metrics"] = {f"{split}/{attribute}": value for split in ("trained", "held_out")
+                               for attribute, value in scores.get(split, {}).items()}  # fmt: skip
+        return card
+
+    def export(folder: Path, scores: dict | None = None) -> None:
         """``save_pretrained`` the (EMA) pipeline so ``serve/`` and ``from_pretrained`` load any checkpoint."""
-        make_pipeline(weights_from_ema=True).save_pretrained(folder / "pipeline")
+        make_pipeline(weights_from_ema=True).save_pretrained(folder / "pipeline", model_card=model_card(scores))
         if lora_config is not None:
             save_lora(unwrapped, folder / "lora", lora_config)
         unwrapped.train()
@@ -560,12 +574,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # 5. Final export: <output_dir>/pipeline is the stable path (EMA weights when EMA is on).
     summary = {"step": state.step, "first_loss": first_loss, "last_loss": last_loss}
     if accelerator.is_main_process:
-        export(output_dir)
         if config.evaluation.enabled and held_out_combinations:
             scores = evaluate_captions(
                 accelerator, config, make_pipeline(weights_from_ema=True), trained_combinations, held_out_combinations
             )
             summary["caption_following"] = scores
+        export(output_dir, summary.get("caption_following"))
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         summary["train_seconds"] = round(time.perf_counter() - start_time, 1)
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

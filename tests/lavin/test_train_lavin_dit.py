@@ -23,6 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from genvis.diffusion import RectifiedFlow, encode_episodes, sample_generators
 from genvis.models import LaVinDiTTransformer3DModel, PixelUnshuffleAutoencoder
 from genvis.pipelines import LaVinDiTPipeline, evaluate_in_context
+from genvis.pipelines.model_card import read_model_card
 from genvis.tasks import TaskMixture, sample_episode
 from genvis.training import load_config
 
@@ -176,6 +177,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
     assert (tmp_path / "two" / "checkpoints" / "checkpoint-00000002" / "COMPLETE.json").is_file()
+    front, body = read_model_card(tmp_path / "one" / "pipeline")  # the export names the command that trained it
+    assert front["library_name"] == "diffusers" and "train/lavin_dit.py" in body and "schedule.max_steps=3" in body
 
 
 @pytest.mark.slow

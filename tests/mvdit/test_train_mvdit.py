@@ -15,6 +15,7 @@ from genvis.data import procedural_video
 from genvis.diffusion.text_to_video import TextToVideoObjective
 from genvis.models.autoencoder_pixel_unshuffle import PixelUnshuffleAutoencoder
 from genvis.models.mvdit import MVDIT_PRESETS, MVDiTTransformer3DModel
+from genvis.pipelines.model_card import read_model_card
 from genvis.pipelines.pipeline_mvdit import MVDiTPipeline, encode_video_latents, export_video
 from genvis.text import encode_prompts, load_text_encoder, text_embed_dim
 
@@ -235,6 +236,10 @@ def test_accelerate_launch_default_preset(tmp_path):
         assert set(scores[key]) == {"background", "color", "kind", "motion", "all"}, key
     assert (output_dir / "samples" / "caption_eval-00000002.png").is_file()
     assert (output_dir / "samples" / "samples-00000002.png").is_file()
+    # the export's model card names the command that trained it and the caption-following scores
+    front, body = read_model_card(output_dir / "pipeline")
+    assert front["library_name"] == "diffusers" and "train/mvdit.py" in body and "schedule.max_steps=2" in body
+    assert "held_out/background" in body and "trained/motion" in body
 
 
 @pytest.mark.slow
