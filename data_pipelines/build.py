@@ -813,6 +813,18 @@ def _append_journal(path: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+def _journal_records(path: Path, what: str = "journal") -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines journal, up to a torn last line (a run killed mid-write), which is logged."""
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    for number, text in enumerate(lines, start=1):
+        try:
+            yield json.loads(text)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: ignoring a torn %s line (killed mid-write)", path, number, what)
+            return
+
+
 def _rewrite_journal(
     out_dir: Path, names: OutputNames, fingerprint: dict[str, Any], finished: list[_ShardRecord]
 ) -> None:
@@ -834,15 +846,8 @@ def _load_journal(out_dir: Path, names: OutputNames) -> _Journal:
     if not path.is_file():
         return _Journal()
     journal = _Journal(exists=True)
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
     intact = True
-    for number, text in enumerate(lines, start=1):
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: ignoring a torn journal line (killed mid-write)", path, number)
-            break
+    for record in _journal_records(path):
         if record["type"] == "config":
             journal.config = record["config"]
         elif record["type"] == "open":

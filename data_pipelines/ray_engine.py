@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.build import _append_journal, _journal_records
 from data_pipelines.probe import ProbePool, ProbeRequest, ProbeResult
 
 logger = logging.getLogger(__name__)
@@ -66,14 +66,7 @@ def _load_probe_journal(path: Path, header: dict[str, Any]) -> dict[int, ProbeRe
     if not path.is_file():
         return {}
     done: dict[int, ProbeResult] = {}
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
-    for number, text in enumerate(lines, start=1):
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: ignoring a torn probe-journal line (killed mid-write)", path, number)
-            break
+    for record in _journal_records(path, "probe-journal"):
         if record["type"] == "config":
             if record["header"] != header:
                 logger.info("%s: made with other options or probe function; probing every row again", path)
@@ -84,13 +77,6 @@ def _load_probe_journal(path: Path, header: dict[str, Any]) -> dict[int, ProbeRe
                 if not result.environment and not result.reason.startswith(_RETRIED):
                     done[result.index] = result
     return done
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _start(ray: Any, address: str | None, num_cpus: int) -> bool:
@@ -157,7 +143,7 @@ def ray_probe_results(
             finished, pending = ray.wait(pending, num_returns=1)
             number = futures[finished[0]]
             results = ray.get(finished[0])
-            _append(
+            _append_journal(
                 probe_journal,
                 {"type": "partition", "number": number, "results": [dataclasses.asdict(r) for r in results]},
             )
